@@ -1,0 +1,1 @@
+"""Analytics over the aggregates: figures, baselines, anomalies and monthly reports."""

@@ -1,0 +1,147 @@
+"""Validation of incoming events: from untrusted JSON to a clean `Event`.
+
+Pure functions with no Flask or database in them, so they are cheap on the hot
+path and easy to test exhaustively.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from db.models import EVENT_ID_MAX, PATH_MAX, REFERRER_MAX, SITE_MAX, USER_AGENT_MAX
+
+MAX_PAST = timedelta(hours=48)
+MAX_FUTURE = timedelta(minutes=5)
+FIELDS = frozenset({"url", "path", "site", "referrer", "ts", "event_id", "ua"})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_EVENT_ID = re.compile(r"[A-Za-z0-9._:\-]+")
+
+
+class InvalidEvent(ValueError):
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    ts: datetime
+    site: str
+    path: str
+    referrer: str | None
+    user_agent: str | None
+    event_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What the request, rather than the event, tells about it."""
+
+    now: datetime
+    user_agent: str | None
+    origin_host: str | None
+    default_site: str
+    query_allowlist: frozenset[str]
+
+
+def _text(value: object, field: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidEvent(field, "must be a string")
+    if not value:
+        raise InvalidEvent(field, "must not be empty")
+    if len(value) > limit:
+        raise InvalidEvent(field, f"longer than {limit} characters")
+    if _CONTROL.search(value):
+        raise InvalidEvent(field, "contains control characters")
+    return value
+
+
+def clean_path(raw: str, allowlist: frozenset[str], field: str = "path") -> str:
+    """Drop the fragment and every query parameter not on the allow-list."""
+    path, _, query = raw.partition("#")[0].partition("?")
+    if not path.startswith("/"):
+        raise InvalidEvent(field, "must start with /")
+    if query and allowlist:
+        kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k in allowlist]
+        if kept:
+            return f"{path}?{urlencode(kept)}"
+    return path
+
+
+def parse_timestamp(value: object, now: datetime) -> datetime:
+    """A Unix time in seconds or an ISO 8601 string with an offset, inside the window."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidEvent("ts", "must be Unix seconds or an ISO 8601 string")
+    if isinstance(value, str):
+        try:
+            ts = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidEvent("ts", "is not an ISO 8601 timestamp") from None
+        if ts.tzinfo is None:
+            raise InvalidEvent("ts", "needs a timezone offset (e.g. Z)")
+        ts = ts.astimezone(UTC)
+    else:
+        try:
+            ts = datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise InvalidEvent("ts", "is out of range") from None
+    if not now - MAX_PAST <= ts <= now + MAX_FUTURE:
+        raise InvalidEvent("ts", "must be within the last 48 hours (and at most 5 minutes ahead)")
+    return ts
+
+
+def parse_event(item: object, context: RequestContext) -> Event:
+    if not isinstance(item, dict):
+        raise InvalidEvent("event", "must be a JSON object")
+    unknown = item.keys() - FIELDS
+    if unknown:
+        raise InvalidEvent(sorted(unknown)[0], "is not a known field")
+
+    url_host = None
+    if (url := item.get("url")) is not None:
+        url = _text(url, "url", PATH_MAX)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidEvent("url", "must be an absolute http(s) address")
+        url_host = parts.hostname
+        raw_path = parts.path or "/"
+        if parts.query:
+            raw_path = f"{raw_path}?{parts.query}"
+    if (path_value := item.get("path")) is not None:
+        raw_path = _text(path_value, "path", PATH_MAX)
+    elif url is None:
+        raise InvalidEvent("path", "url or path is required")
+    path = clean_path(raw_path, context.query_allowlist, "path" if path_value else "url")
+
+    if (site := item.get("site")) is not None:
+        site = _text(site, "site", SITE_MAX)
+    else:
+        site = url_host or context.origin_host or context.default_site
+
+    referrer = item.get("referrer")
+    if referrer is not None:
+        referrer = _text(referrer, "referrer", REFERRER_MAX) if referrer != "" else None
+
+    ts = context.now if (raw_ts := item.get("ts")) is None else parse_timestamp(raw_ts, context.now)
+
+    event_id = item.get("event_id")
+    if event_id is not None:
+        event_id = _text(event_id, "event_id", EVENT_ID_MAX)
+        if not _EVENT_ID.fullmatch(event_id):
+            raise InvalidEvent("event_id", "may only hold letters, digits and . _ : -")
+
+    user_agent = context.user_agent
+    # Server-to-server senders relay their visitors' user agents in the event.
+    if (ua := item.get("ua")) is not None:
+        if not isinstance(ua, str):
+            raise InvalidEvent("ua", "must be a string")
+        user_agent = ua
+    if user_agent is not None:
+        # Capped rather than refused: the header is the browser's, not the sender's, choice.
+        user_agent = _CONTROL.sub("", user_agent)[:USER_AGENT_MAX] or None
+
+    return Event(ts, site, path, referrer, user_agent, event_id)

@@ -1,0 +1,110 @@
+"""Group commit: the requests in flight in one process share one transaction.
+
+A request hands its hits over and blocks until they are committed, so an
+acknowledgement always means "on disk". The first request to arrive while no
+commit is running becomes the leader and commits everything queued; requests
+arriving meanwhile queue up and are committed together by the next leader,
+which is one of them. Under load each transaction therefore carries many
+requests, and when idle a request commits alone with no added delay.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class _Ticket(Generic[T]):
+    __slots__ = ("error", "items", "lead", "wake")
+
+    def __init__(self, items: Sequence[T]) -> None:
+        self.items = items
+        self.error: BaseException | None = None
+        self.lead = False
+        # A plain lock as a one-shot signal: cheaper than threading.Event.
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+
+class GroupCommitter(Generic[T]):
+    def __init__(
+        self,
+        write: Callable[[Sequence[T]], object],
+        *,
+        max_items: int = 2000,
+        delay: float = 0.0,
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """`write` stores a group in one transaction (all or nothing).
+        `on_commit(items, seconds)` is told of every successful commit."""
+        self._write = write
+        self._max_items = max_items
+        self._delay = delay
+        self._on_commit = on_commit
+        self._lock = threading.Lock()
+        self._queue: deque[_Ticket[T]] = deque()
+        self._leading = False
+
+    def commit(self, items: Sequence[T]) -> None:
+        """Block until `items` are committed. Raises the write's error if the
+        transaction holding them failed, in which case none of them is stored."""
+        ticket = _Ticket(items)
+        with self._lock:
+            self._queue.append(ticket)
+            follower = self._leading
+            self._leading = True
+        if follower:
+            ticket.wake.acquire()
+            if not ticket.lead:
+                if ticket.error is not None:
+                    raise ticket.error
+                return
+        self._lead(ticket)
+
+    def _lead(self, own: _Ticket[T]) -> None:
+        while True:
+            if self._delay:
+                time.sleep(self._delay)
+            with self._lock:
+                group = self._take_group()
+            self._commit_group(group, own)
+            with self._lock:
+                if own in group:
+                    if self._queue:
+                        successor = self._queue[0]
+                        successor.lead = True
+                        successor.wake.release()
+                    else:
+                        self._leading = False
+                    break
+        if own.error is not None:
+            raise own.error
+
+    def _take_group(self) -> list[_Ticket[T]]:
+        group: list[_Ticket[T]] = []
+        size = 0
+        while self._queue and (not group or size + len(self._queue[0].items) <= self._max_items):
+            ticket = self._queue.popleft()
+            group.append(ticket)
+            size += len(ticket.items)
+        return group
+
+    def _commit_group(self, group: list[_Ticket[T]], leader: _Ticket[T]) -> None:
+        items = [item for ticket in group for item in ticket.items]
+        started = time.perf_counter()
+        try:
+            self._write(items)
+        except BaseException as exc:  # every waiter must hear of it, whatever it is
+            for ticket in group:
+                ticket.error = exc
+        else:
+            if self._on_commit is not None:
+                self._on_commit(len(items), time.perf_counter() - started)
+        for ticket in group:
+            if ticket is not leader:
+                ticket.wake.release()

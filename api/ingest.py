@@ -1,0 +1,85 @@
+"""From validated events to committed hits: hashing, classification, group commit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine
+
+from api.errors import BadRequest
+from api.events import Event, InvalidEvent, RequestContext, parse_event
+from api.group_commit import GroupCommitter
+from api.privacy import VisitorHasher
+from api.settings import Settings
+from api.useragent import classify
+from db import HitStore, NewHit
+
+log = logging.getLogger(__name__)
+
+
+class Ingestor:
+    """Everything `/track` needs after HTTP parsing, one per process."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.hasher = VisitorHasher(
+            engine, settings.hash_period, timedelta(hours=settings.salt_grace_hours)
+        )
+        self.store = HitStore(
+            engine,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+        )
+        self.committer: GroupCommitter[NewHit] = GroupCommitter(
+            self.store.write,
+            max_items=settings.commit_max_events,
+            delay=settings.commit_delay_ms / 1000,
+        )
+
+    def validate(self, items: Sequence[object], context: RequestContext) -> list[Event]:
+        """Every item as an Event, or BadRequest listing each bad item by index."""
+        events, problems = [], []
+        for index, item in enumerate(items):
+            try:
+                events.append(parse_event(item, context))
+            except InvalidEvent as exc:
+                problems.append({"index": index, "field": exc.field, "reason": exc.reason})
+        if problems:
+            if len(items) == 1:
+                only = problems[0]
+                raise BadRequest(f"{only['field']} {only['reason']}", field=only["field"])
+            raise BadRequest(
+                f"{len(problems)} of {len(items)} events are invalid; none was stored",
+                items=problems,
+            )
+        return events
+
+    def record(self, events: Sequence[Event], address: str, now: datetime) -> None:
+        """Hash, classify and commit; returns once the hits are durable."""
+        hits = []
+        for event in events:
+            agent = classify(event.user_agent)
+            hits.append(
+                NewHit(
+                    event.ts,
+                    event.site,
+                    event.path,
+                    event.referrer,
+                    self.hasher.ip_hash(address, event.ts, now),
+                    event.user_agent,
+                    agent.browser,
+                    agent.os,
+                    agent.device,
+                    agent.is_bot,
+                    event.event_id,
+                )
+            )
+        self.committer.commit(hits)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

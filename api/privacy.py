@@ -1,0 +1,88 @@
+"""Keyed hashing of client addresses. The raw address lives only in memory, for
+the duration of one request; what is stored is
+
+    ip_hash = HMAC-SHA256(key of the period, normalised address)[:16]
+
+with one random key per period (a month, a day, or forever). Once a period and
+its grace window are over its key is deleted, after which that period's hashes
+can no longer be linked to any address, not even by the operator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import threading
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine
+
+from db.salts import delete_expired_salts, get_or_create_salt
+
+PERMANENT = "all"
+
+
+def normalise_address(address: str) -> bytes:
+    """The packed form of an IP address; IPv4-mapped IPv6 becomes plain IPv4."""
+    ip = ipaddress.ip_address(address.strip().split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.packed
+
+
+def period_bounds(mode: str, ts: datetime) -> tuple[str, datetime | None]:
+    """The name of the period holding `ts`, and when it ends (None: never)."""
+    if mode == "none":
+        return PERMANENT, None
+    if mode == "daily":
+        start = datetime(ts.year, ts.month, ts.day, tzinfo=UTC)
+        return start.date().isoformat(), start + timedelta(days=1)
+    start = datetime(ts.year, ts.month, 1, tzinfo=UTC)
+    end = datetime(ts.year + ts.month // 12, ts.month % 12 + 1, 1, tzinfo=UTC)
+    return f"{ts.year:04d}-{ts.month:02d}", end
+
+
+class VisitorHasher:
+    """Turns addresses into `ip_hash` values with the key of the event's period."""
+
+    def __init__(self, engine: Engine, mode: str, grace: timedelta) -> None:
+        self._engine = engine
+        self._mode = mode
+        self._grace = grace
+        self._keys: dict[str, bytes] = {}
+        self._expiry: dict[str, datetime | None] = {}
+        self._lock = threading.Lock()
+
+    def ip_hash(self, address: str, ts: datetime, now: datetime) -> bytes:
+        key = self._key_for(ts, now)
+        return hmac.digest(key, normalise_address(address), hashlib.sha256)[:16]
+
+    def _key_for(self, ts: datetime, now: datetime) -> bytes:
+        period, end = period_bounds(self._mode, ts)
+        if end is not None and end + self._grace <= now:
+            # That period's key is (or is about to be) deleted; never recreate it,
+            # which would make a fresh, linkable key for a closed period.
+            period, end = period_bounds(self._mode, now)
+        key = self._keys.get(period)
+        if key is not None:
+            return key
+        with self._lock:
+            if period not in self._keys:
+                expires = None if end is None else end + self._grace
+                self._keys[period] = get_or_create_salt(self._engine, period, expires)
+                self._expiry[period] = expires
+                self._purge_locked(now)
+            return self._keys[period]
+
+    def purge_expired(self, now: datetime | None = None) -> list[str]:
+        """Delete every expired key, from the database and from this process."""
+        with self._lock:
+            return self._purge_locked(now or datetime.now(UTC))
+
+    def _purge_locked(self, now: datetime) -> list[str]:
+        removed = delete_expired_salts(self._engine, now)
+        for period, expires in list(self._expiry.items()):
+            if expires is not None and expires <= now:
+                del self._keys[period], self._expiry[period]
+        return removed

@@ -1,0 +1,116 @@
+"""The ingestion endpoints: `POST /track` (JSON and beacons), the `GET /track`
+pixel and the `/t.js` snippet."""
+
+from __future__ import annotations
+
+import base64
+import json
+from functools import cache
+from importlib.resources import files
+from urllib.parse import urlsplit
+
+from flask import Blueprint, Response, current_app, request
+
+from api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from api.events import RequestContext
+from api.ingest import Ingestor, utcnow
+from api.settings import Settings
+
+bp = Blueprint("track", __name__)
+
+# A transparent 1x1 GIF.
+PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+NO_CACHE = {"Cache-Control": "no-store, no-cache, must-revalidate, max-age=0", "Pragma": "no-cache"}
+
+
+def _settings() -> Settings:
+    return current_app.extensions["telemetry.settings"]
+
+
+def _ingestor() -> Ingestor:
+    return current_app.extensions["telemetry.ingestor"]
+
+
+def _context(settings: Settings) -> RequestContext:
+    origin = request.headers.get("Origin")
+    return RequestContext(
+        now=utcnow(),
+        user_agent=request.headers.get("User-Agent"),
+        origin_host=urlsplit(origin).hostname if origin else None,
+        default_site=settings.default_site,
+        query_allowlist=frozenset(settings.query_allowlist),
+    )
+
+
+def _address() -> str:
+    # ProxyFix (installed by the app factory when proxies are trusted) has already
+    # put the right X-Forwarded-For entry here; the raw value goes no further.
+    return request.remote_addr or "0.0.0.0"
+
+
+def _dnt(settings: Settings) -> bool:
+    return settings.respect_dnt and request.headers.get("DNT") == "1"
+
+
+@bp.post("/track")
+def track() -> Response | tuple[dict[str, int], int]:
+    settings = _settings()
+    if request.mimetype not in ("application/json", "text/plain"):
+        raise UnsupportedMediaType(
+            "send application/json (or text/plain carrying JSON, as sendBeacon does)"
+        )
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
+    try:
+        payload = json.loads(request.get_data(cache=False))
+    except ValueError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    items = payload if isinstance(payload, list) else [payload]
+    if not items:
+        raise BadRequest("the batch is empty")
+    if len(items) > settings.max_batch:
+        raise PayloadTooLarge(f"a batch holds at most {settings.max_batch} events")
+    ingestor = _ingestor()
+    context = _context(settings)
+    events = ingestor.validate(items, context)
+    beacon = request.mimetype == "text/plain"
+    if _dnt(settings):
+        return Response(status=204) if beacon else ({"accepted": 0}, 202)
+    ingestor.record(events, _address(), context.now)
+    if beacon:
+        return Response(status=204)
+    return {"accepted": len(events)}, 202
+
+
+@bp.get("/track")
+def pixel() -> Response:
+    settings = _settings()
+    params = request.args
+    if "p" not in params:
+        raise BadRequest("p (the page path) is required", field="p")
+    item: dict[str, object] = {"path": params["p"]}
+    if params.get("r"):
+        item["referrer"] = params["r"]
+    if params.get("s"):
+        item["site"] = params["s"]
+    ingestor = _ingestor()
+    context = _context(settings)
+    events = ingestor.validate([item], context)
+    if not _dnt(settings):
+        ingestor.record(events, _address(), context.now)
+    return Response(PIXEL, mimetype="image/gif", headers=NO_CACHE)
+
+
+@cache
+def _snippet(respect_dnt: bool) -> bytes:
+    source = files("api").joinpath("static/t.js").read_text(encoding="utf-8")
+    return source.replace("__RESPECT_DNT__", "true" if respect_dnt else "false").encode()
+
+
+@bp.get("/t.js")
+def snippet() -> Response:
+    return Response(
+        _snippet(_settings().respect_dnt),
+        mimetype="application/javascript",
+        headers={"Cache-Control": "public, max-age=3600"},
+    )
