@@ -20,9 +20,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     `telemetry serve` and `make run` do it before starting workers).
     """
     settings = settings or load_settings()
-    app = Flask(__name__)
+    # No static route: /t.js is served by the track blueprint with settings filled in.
+    app = Flask(__name__, static_folder=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # One byte over the limit, so that /track can tell a chunked body that is
+    # too large (werkzeug stops reading it there) from one exactly at the limit.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     logging.getLogger("api").setLevel(settings.log_level)
     logging.getLogger("db").setLevel(settings.log_level)
 

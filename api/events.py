@@ -17,6 +17,9 @@ MAX_PAST = timedelta(hours=48)
 MAX_FUTURE = timedelta(minutes=5)
 FIELDS = frozenset({"url", "path", "site", "referrer", "ts", "event_id", "ua"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters, and the lone UTF-16 surrogates JSON can carry ("\ud800"),
+# which no database can store as UTF-8: one pattern, one scan per field.
+_UNSTORABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 _EVENT_ID = re.compile(r"[A-Za-z0-9._:\-]+")
 
 
@@ -55,8 +58,10 @@ def _text(value: object, field: str, limit: int) -> str:
         raise InvalidEvent(field, "must not be empty")
     if len(value) > limit:
         raise InvalidEvent(field, f"longer than {limit} characters")
-    if _CONTROL.search(value):
-        raise InvalidEvent(field, "contains control characters")
+    if _UNSTORABLE.search(value):
+        if _CONTROL.search(value):
+            raise InvalidEvent(field, "contains control characters")
+        raise InvalidEvent(field, "contains a lone surrogate (not valid Unicode)")
     return value
 
 
@@ -125,6 +130,10 @@ def parse_event(item: object, context: RequestContext) -> Event:
     referrer = item.get("referrer")
     if referrer is not None:
         referrer = _text(referrer, "referrer", REFERRER_MAX) if referrer != "" else None
+    if referrer is not None:
+        # The referring page's query and fragment can carry tokens or e-mail
+        # addresses of the visitor; where they came from is the page itself.
+        referrer = referrer.partition("#")[0].partition("?")[0] or None
 
     ts = context.now if (raw_ts := item.get("ts")) is None else parse_timestamp(raw_ts, context.now)
 
@@ -142,6 +151,6 @@ def parse_event(item: object, context: RequestContext) -> Event:
         user_agent = ua
     if user_agent is not None:
         # Capped rather than refused: the header is the browser's, not the sender's, choice.
-        user_agent = _CONTROL.sub("", user_agent)[:USER_AGENT_MAX] or None
+        user_agent = _UNSTORABLE.sub("", user_agent)[:USER_AGENT_MAX] or None
 
     return Event(ts, site, path, referrer, user_agent, event_id)

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from api.errors import BadRequest
 from api.events import Event, InvalidEvent, RequestContext, parse_event
 from api.group_commit import GroupCommitter
-from api.privacy import VisitorHasher
+from api.privacy import VisitorHasher, normalise_address
 from api.settings import Settings
 from api.useragent import classify
 from db import HitStore, NewHit
@@ -57,6 +57,13 @@ class Ingestor:
 
     def record(self, events: Sequence[Event], address: str, now: datetime) -> None:
         """Hash, classify and commit; returns once the hits are durable."""
+        try:
+            packed_address = normalise_address(address)
+        except ValueError:
+            # Only a forwarded address can be malformed (a trusted proxy that adds a
+            # port, or TELEMETRY_TRUSTED_PROXIES set without a proxy in front). A 400,
+            # not a 500 whose logged traceback would carry the raw address.
+            raise BadRequest("the X-Forwarded-For client address is not an IP address") from None
         hits = []
         for event in events:
             agent = classify(event.user_agent)
@@ -66,7 +73,7 @@ class Ingestor:
                     event.site,
                     event.path,
                     event.referrer,
-                    self.hasher.ip_hash(address, event.ts, now),
+                    self.hasher.hash_normalised(packed_address, event.ts, now),
                     event.user_agent,
                     agent.browser,
                     agent.os,

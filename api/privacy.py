@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
+import socket
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -23,24 +23,38 @@ from db.salts import delete_expired_salts, get_or_create_salt
 PERMANENT = "all"
 
 
+_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
 def normalise_address(address: str) -> bytes:
-    """The packed form of an IP address; IPv4-mapped IPv6 becomes plain IPv4."""
-    ip = ipaddress.ip_address(address.strip().split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.packed
+    """The packed form of an IP address; IPv4-mapped IPv6 becomes plain IPv4.
+
+    inet_pton rather than the ipaddress module: this runs on every request.
+    """
+    try:
+        return socket.inet_pton(socket.AF_INET, address)
+    except OSError:
+        pass
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address.split("%", 1)[0])
+    except OSError:
+        raise ValueError(f"not an IP address: {address[:64]!r}") from None
+    return packed[12:] if packed.startswith(_V4_MAPPED_PREFIX) else packed
 
 
-def period_bounds(mode: str, ts: datetime) -> tuple[str, datetime | None]:
-    """The name of the period holding `ts`, and when it ends (None: never)."""
+_FOREVER = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
+
+
+def period_bounds(mode: str, ts: datetime) -> tuple[str, datetime, datetime | None]:
+    """The name of the period holding `ts`, its start, and its end (None: never)."""
     if mode == "none":
-        return PERMANENT, None
+        return PERMANENT, _FOREVER[0], None
     if mode == "daily":
         start = datetime(ts.year, ts.month, ts.day, tzinfo=UTC)
-        return start.date().isoformat(), start + timedelta(days=1)
+        return start.date().isoformat(), start, start + timedelta(days=1)
     start = datetime(ts.year, ts.month, 1, tzinfo=UTC)
     end = datetime(ts.year + ts.month // 12, ts.month % 12 + 1, 1, tzinfo=UTC)
-    return f"{ts.year:04d}-{ts.month:02d}", end
+    return f"{ts.year:04d}-{ts.month:02d}", start, end
 
 
 class VisitorHasher:
@@ -53,17 +67,25 @@ class VisitorHasher:
         self._keys: dict[str, bytes] = {}
         self._expiry: dict[str, datetime | None] = {}
         self._lock = threading.Lock()
+        # (start, end, expiry, key) of the period most events fall in, to skip the lookup.
+        self._recent: tuple[datetime, datetime, datetime, bytes] | None = None
 
     def ip_hash(self, address: str, ts: datetime, now: datetime) -> bytes:
-        key = self._key_for(ts, now)
-        return hmac.digest(key, normalise_address(address), hashlib.sha256)[:16]
+        return self.hash_normalised(normalise_address(address), ts, now)
+
+    def hash_normalised(self, packed_address: bytes, ts: datetime, now: datetime) -> bytes:
+        """`ip_hash` of an address already through `normalise_address`."""
+        return hmac.digest(self._key_for(ts, now), packed_address, hashlib.sha256)[:16]
 
     def _key_for(self, ts: datetime, now: datetime) -> bytes:
-        period, end = period_bounds(self._mode, ts)
+        recent = self._recent
+        if recent is not None and recent[0] <= ts < recent[1] and now < recent[2]:
+            return recent[3]
+        period, start, end = period_bounds(self._mode, ts)
         if end is not None and end + self._grace <= now:
             # That period's key is (or is about to be) deleted; never recreate it,
             # which would make a fresh, linkable key for a closed period.
-            period, end = period_bounds(self._mode, now)
+            period, start, end = period_bounds(self._mode, now)
         key = self._keys.get(period)
         if key is not None:
             return key
@@ -73,7 +95,10 @@ class VisitorHasher:
                 self._keys[period] = get_or_create_salt(self._engine, period, expires)
                 self._expiry[period] = expires
                 self._purge_locked(now)
-            return self._keys[period]
+            key = self._keys[period]
+            expires = self._expiry[period]
+            self._recent = (start, end or _FOREVER[1], expires or _FOREVER[1], key)
+            return key
 
     def purge_expired(self, now: datetime | None = None) -> list[str]:
         """Delete every expired key, from the database and from this process."""
@@ -85,4 +110,5 @@ class VisitorHasher:
         for period, expires in list(self._expiry.items()):
             if expires is not None and expires <= now:
                 del self._keys[period], self._expiry[period]
+        self._recent = None
         return removed

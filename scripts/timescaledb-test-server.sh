@@ -42,9 +42,11 @@ hpsql() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres "$@"
 
 # env -i keeps host variables (locale, PG*, NOTIFY_SOCKET) from leaking into
 # the chroot, where e.g. a host-only locale would make postgres complain.
+# 9>&- matters: otherwise the postmaster inherits our lock fd and holds the
+# lock for as long as it runs, blocking every later start/stop.
 as_postgres() {
     chroot "$ROOT" /usr/bin/env -i LANG=C.UTF-8 PATH=/usr/bin:/bin HOME=/var/lib/postgresql \
-        su postgres -s /bin/sh -c "cd / && $1"
+        su postgres -s /bin/sh -c "cd / && $1" 9>&-
 }
 
 # Two concurrent invocations (e.g. a developer and CI) must not bootstrap or
@@ -92,7 +94,7 @@ ensure_root() {
 
     tmp=$CACHE/trixie-root.tmp.$$
     log "bootstrapping Debian trixie with PostgreSQL 17 + TimescaleDB into $ROOT"
-    log "(about a minute and ~700 MB; output in $CACHE/debootstrap.log)"
+    log "(about a minute and ~600 MB; output in $CACHE/debootstrap.log)"
     if ! debootstrap --variant=minbase --include=postgresql-17,postgresql-17-timescaledb \
         trixie "$tmp" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1; then
         tail -n 20 "$CACHE/debootstrap.log" >&2 || true
@@ -142,11 +144,12 @@ shared_buffers = 256MB
 work_mem = 16MB
 maintenance_work_mem = 128MB
 max_connections = 100
-# Tests create and drop many chunks; the default 64 runs out of lock slots.
+# Queries over hypertables lock every chunk they touch; the default 64 per
+# transaction runs out quickly.
 max_locks_per_transaction = 256
 max_worker_processes = 16
 timescaledb.max_background_workers = 8
-# No /proc in the chroot, so don't let postgres try to size huge pages.
+# Pointless for a test server, and without /proc postgres can't size them.
 huge_pages = off
 # Keep the log readable for whoever debugs a failing test.
 log_line_prefix = '%m [%p] %q%u@%d '
