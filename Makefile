@@ -5,13 +5,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export TELEMETRY_DATABASE_URL ?= sqlite:///./data/telemetry.db
 
-.PHONY: run test lint format install bench clean
+.PHONY: run test lint format install system-packages bench clean
 
 run: $(STAMP)  ## serve the API on the embedded SQLite default (migrates first)
 	$(BIN)/telemetry serve
 
-test: $(STAMP) lint  ## linters, migrations round trip and the whole suite
+test: $(STAMP) system-packages lint  ## linters and the whole suite, on every backend
 	$(BIN)/pytest
+
+system-packages:  ## Debian packages the tests need (scripts/debian-packages.txt)
+	scripts/install-system-packages.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
