@@ -7,6 +7,7 @@ import logging
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from api import useragent
 from api.errors import register_error_handlers
 from api.ingest import Ingestor
 from api.settings import Settings, load_settings
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["telemetry.settings"] = settings
     app.extensions["telemetry.engine"] = engine
     app.extensions["telemetry.ingestor"] = Ingestor(settings, engine)
+    useragent.warm_up()
 
     if settings.trusted_proxies:
         # Only the configured number of proxies may name the client; anything a
