@@ -70,7 +70,8 @@ def clean_path(raw: str, allowlist: frozenset[str], field: str = "path") -> str:
     path, _, query = raw.partition("#")[0].partition("?")
     if not path.startswith("/"):
         raise InvalidEvent(field, "must start with /")
-    if query and allowlist:
+    # Parsing the query is the costly part: skip it unless a kept name occurs in it.
+    if query and any(name in query for name in allowlist):
         kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k in allowlist]
         if kept:
             return f"{path}?{urlencode(kept)}"

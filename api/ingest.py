@@ -65,7 +65,12 @@ class Ingestor:
             # not a 500 whose logged traceback would carry the raw address.
             raise BadRequest("the X-Forwarded-For client address is not an IP address") from None
         hits = []
+        last_ts, ip_hash = None, b""
         for event in events:
+            # Events of one request share the address and mostly the arrival time
+            # too: hash once per distinct timestamp, not once per event.
+            if event.ts is not last_ts:
+                last_ts, ip_hash = event.ts, self.hasher.hash_normalised(packed_address, event.ts, now)
             agent = classify(event.user_agent)
             hits.append(
                 NewHit(
@@ -73,7 +78,7 @@ class Ingestor:
                     event.site,
                     event.path,
                     event.referrer,
-                    self.hasher.hash_normalised(packed_address, event.ts, now),
+                    ip_hash,
                     event.user_agent,
                     agent.browser,
                     agent.os,

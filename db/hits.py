@@ -130,8 +130,11 @@ class _SqliteWriter:
         for start in range(0, len(hits), self.ROWS_PER_STATEMENT):
             chunk = hits[start : start + self.ROWS_PER_STATEMENT]
             values: list[object] = []
+            last_ts, text_ts = None, ""
             for h in chunk:
-                values.append(_sqlite_ts(h.ts))
+                if h.ts is not last_ts:  # a batch's events mostly share one timestamp
+                    last_ts, text_ts = h.ts, _sqlite_ts(h.ts)
+                values.append(text_ts)
                 values.extend(h[1:10])
             self._connection.execute(self._insert_sql(len(chunk)), values)
 
