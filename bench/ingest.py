@@ -11,9 +11,8 @@ machine disturbs both alike; the ratio is taken per round, the median printed.
     .venv/bin/python bench/ingest.py --mode single --rounds 5 --requests 20000
 
 Acknowledged events are checked against stored rows: none may be missing. A
-few more rows than acknowledgements can be stored, one per connection: the
-requests in flight when the load generator stopped, committed by the server
-but never read by the client.
+few more rows than acknowledgements can be stored: the requests in flight when
+the load generator stopped, committed by the server but never read by wrk.
 """
 
 from __future__ import annotations
