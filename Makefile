@@ -11,6 +11,7 @@ run: $(STAMP)  ## serve the API on the embedded SQLite default (migrates first)
 	$(BIN)/telemetry serve
 
 test: $(STAMP) system-packages lint  ## linters and the whole suite, on every backend
+	scripts/timescaledb-test-server.sh  # TimescaleDB on 127.0.0.1:5433 (reuses a running one)
 	$(BIN)/pytest
 
 system-packages:  ## Debian packages the tests need (scripts/debian-packages.txt)

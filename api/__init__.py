@@ -7,7 +7,7 @@ import logging
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from api import useragent
+from api import maintenance, useragent
 from api.errors import register_error_handlers
 from api.ingest import Ingestor
 from api.settings import Settings, load_settings
@@ -38,6 +38,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["telemetry.settings"] = settings
     app.extensions["telemetry.engine"] = engine
     app.extensions["telemetry.ingestor"] = Ingestor(settings, engine)
+    # Rollup refresh and retention in a daemon thread (TELEMETRY_MAINTENANCE_INTERVAL_SECONDS).
+    maintenance.start_scheduler(app, settings, engine)
     useragent.warm_up()
 
     if settings.trusted_proxies:
@@ -47,9 +49,13 @@ def create_app(settings: Settings | None = None) -> Flask:
             app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies
         )
 
-    from api import health, track
+    from api import headers, health, metrics, ratelimit, track
 
     app.register_blueprint(track.bp)
     app.register_blueprint(health.bp)
     register_error_handlers(app)
+    metrics.init_app(app)
+    headers.init_app(app, settings)
+    # Last: it puts the reports limit on every report blueprint registered above.
+    ratelimit.init_app(app, settings)
     return app

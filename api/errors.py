@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from api import metrics
 from db import StorageUnavailable
 
 
@@ -61,6 +62,9 @@ def error_response(status: int, code: str, detail: str, **extra: Any) -> Respons
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(APIError)
     def _api_error(error: APIError) -> Response:
+        if request.blueprint == "track":
+            # As many as the request carried, when the body got that far.
+            metrics.events_rejected(error.code, g.get("telemetry_events", 1))
         response = error_response(error.status, error.code, error.detail, **error.extra)
         response.headers.update(error.headers())
         return response
@@ -68,12 +72,15 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(StorageUnavailable)
     def _storage_unavailable(error: StorageUnavailable) -> Response:
         app.logger.warning("database cannot be written: %s", error)
+        metrics.database_error()
         return _api_error(Unavailable("the database cannot be written right now; retry later"))
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
         # Werkzeug's own errors (404, 405, 413 from MAX_CONTENT_LENGTH) in the same shape.
         code = (error.name or "error").lower().replace(" ", "_")
+        if request.blueprint == "track" and error.code != 405:
+            metrics.events_rejected(code)
         response = error_response(error.code or 500, code, error.description or "")
         if error.code == 405 and (allowed := error.get_headers()):
             response.headers.extend(h for h in allowed if h[0] == "Allow")

@@ -4,12 +4,25 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from api.settings import load_settings
 from db import migrate
 
 _settings = load_settings()
+
+# prometheus-client's multiprocess mode (api/metrics.py): every worker writes its
+# samples to files here, and it has to be in the environment before a worker
+# imports the library. An operator's (or the container's) own directory is
+# used as given; otherwise a private one is made and removed at exit.
+_metrics_dir_is_ours = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _metrics_dir_is_ours:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="telemetry-metrics-")
+_metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
 
 wsgi_app = "api:create_app()"
 bind = [_settings.bind]
@@ -19,7 +32,7 @@ workers = _settings.workers or multiprocessing.cpu_count()
 threads = _settings.threads
 # Acknowledged events are already committed; the grace period lets requests in
 # flight finish their commit before a worker exits.
-graceful_timeout = 30
+graceful_timeout = _settings.graceful_timeout
 timeout = 60
 keepalive = 5
 loglevel = _settings.log_level.lower()
@@ -29,5 +42,37 @@ access_log_format = '"%(r)s" %(s)s %(b)s %(D)sus "%(a)s"'
 
 
 def on_starting(server: Any) -> None:
-    """Migrate once, in the master, before any worker opens the database."""
+    """Migrate once, in the master, before any worker opens the database; start the
+    metrics from zero (files of an earlier run would be added to this one's)."""
     migrate.upgrade(_settings.database_url)
+    _metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in _metrics_dir.glob("*.db"):
+        stale.unlink()
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    from api import metrics
+
+    metrics.running_under_gunicorn(master_pid=worker.ppid)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """After the worker's last request (SIGTERM waits up to graceful_timeout for
+    requests in flight, each of which returns only once its events are committed):
+    close the database writer."""
+    app = getattr(worker, "wsgi", None)
+    ingestor = getattr(app, "extensions", {}).get("telemetry.ingestor")
+    if ingestor is not None:
+        ingestor.close()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A dead worker's live gauges no longer count (its counters still do)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    if _metrics_dir_is_ours:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
+from api import metrics
 from api.errors import BadRequest
 from api.events import Event, InvalidEvent, RequestContext, parse_event
 from api.group_commit import GroupCommitter
@@ -35,6 +36,7 @@ class Ingestor:
             self.store.write,
             max_items=settings.commit_max_events,
             delay=settings.commit_delay_ms / 1000,
+            on_commit=metrics.observe_commit,
         )
 
     def validate(self, items: Sequence[object], context: RequestContext) -> list[Event]:
@@ -70,7 +72,10 @@ class Ingestor:
             # Events of one request share the address and mostly the arrival time
             # too: hash once per distinct timestamp, not once per event.
             if event.ts is not last_ts:
-                last_ts, ip_hash = event.ts, self.hasher.hash_normalised(packed_address, event.ts, now)
+                last_ts, ip_hash = (
+                    event.ts,
+                    self.hasher.hash_normalised(packed_address, event.ts, now),
+                )
             agent = classify(event.user_agent)
             hits.append(
                 NewHit(

@@ -73,6 +73,39 @@ def _optional_int(raw: str) -> int | None:
     return _positive_int(raw) if raw.strip() else None
 
 
+# Raw hits must outlive the aggregates' refresh windows (late events reach 48 h
+# back; TimescaleDB's daily refresh policy looks 4 days back), or a refresh would
+# recompute kept aggregates from deleted hits.
+MIN_RETENTION_DAYS = 7
+
+
+def _retention_days(raw: str) -> int:
+    value = int(raw)
+    if value != 0 and value < MIN_RETENTION_DAYS:
+        raise ValueError(f"must be 0 (keep forever) or at least {MIN_RETENTION_DAYS}")
+    return value
+
+
+def _rate_limits(raw: str) -> str:
+    """A limits-syntax string such as `600/minute;20/second`, or empty for none."""
+    value = raw.strip()
+    if value:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError("expected limits such as 600/minute or 10/second;500/hour") from None
+    return value
+
+
+def _rate_limit_storage(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("memory://", "redis://", "rediss://", "redis+sentinel://")):
+        raise ValueError("expected memory://, redis://, rediss:// or redis+sentinel:// URI")
+    return value
+
+
 def _setting(default: str, coerce: Callable[[str], Any], help: str, *, secret: bool = False) -> Any:
     """Declare a setting: its default (as the environment would spell it), coercer and help."""
     return field(
@@ -152,6 +185,37 @@ class Settings:
         "Extra milliseconds a group commit waits for more requests to join it. 0 commits as "
         "soon as the previous commit finishes, which already groups requests under load.",
     )
+    chunk_interval_hours: int = _setting(
+        "24",
+        _positive_int,
+        "TimescaleDB only: hours of hits per hypertable chunk, applied when the migration "
+        "makes `hits` a hypertable (later: `SELECT set_chunk_time_interval('hits', ...)`).",
+    )
+    retention_days: int = _setting(
+        "0",
+        _retention_days,
+        "Days raw hits (and their idempotency keys) are kept; 0 keeps them forever, else at "
+        "least 7. Dashboards read the aggregates, which outlive the raw hits.",
+    )
+    aggregate_retention_days: int = _setting(
+        "0",
+        _retention_days,
+        "Days the aggregates (`hits_hourly`, `visitors_daily`, ...) are kept; 0 keeps them "
+        "forever, else at least 7.",
+    )
+    compress_after_days: int = _setting(
+        "0",
+        _non_negative_int,
+        "TimescaleDB with the full license only: compress (columnstore) hit chunks older than "
+        "this many days; 0 is off. Reported as unavailable on the Apache-only build.",
+    )
+    maintenance_interval_seconds: float = _setting(
+        "60",
+        _non_negative_float,
+        "Seconds between runs of the in-process maintenance (rollup refresh, retention), one "
+        "run at a time across workers; 0 turns it off (then run `telemetry rollup refresh` "
+        "and `telemetry retention apply` from cron).",
+    )
     bind: str = _setting("127.0.0.1:8000", _text, "Address gunicorn listens on (`HOST:PORT`).")
     workers: int | None = _setting(
         "",
@@ -159,6 +223,64 @@ class Settings:
         "gunicorn worker processes; empty means one per CPU core.",
     )
     threads: int = _setting("16", _positive_int, "Threads per gunicorn worker (gthread).")
+    graceful_timeout: int = _setting(
+        "30",
+        _positive_int,
+        "Seconds gunicorn gives a stopping worker to finish its requests in flight (and so "
+        "commit every event it acknowledges) before killing it.",
+    )
+    ratelimit_storage: str = _setting(
+        "memory://",
+        _rate_limit_storage,
+        "Where rate-limit counters live: `memory://` (per process), `redis://host:6379/0`, or "
+        "`redis+sentinel://host:26379/mymaster` (Redis Sentinel). Redis makes limits hold "
+        "across workers and hosts.",
+        secret=True,
+    )
+    ratelimit_key_prefix: str = _setting(
+        "telemetry",
+        _text,
+        "Prefix of the rate-limit keys in the storage (separates deployments sharing a Redis).",
+    )
+    ratelimit_client: str = _setting(
+        "600/minute",
+        _rate_limits,
+        "Requests one client (by hashed address) may send to `/track` (limits syntax, e.g. "
+        "`600/minute;20/second`; empty: no limit).",
+    )
+    ratelimit_site: str = _setting(
+        "60000/minute",
+        _rate_limits,
+        "Events one site may send to `/track`, all clients together (empty: no limit).",
+    )
+    ratelimit_reports: str = _setting(
+        "60/minute",
+        _rate_limits,
+        "Requests one client may send to the report and stats endpoints (empty: no limit).",
+    )
+    ratelimit_fail_closed: bool = _setting(
+        "false",
+        _boolean,
+        "What happens when the rate-limit storage is unreachable: false lets requests through "
+        "(fail-open), true answers 503. Either way it is counted and logged.",
+    )
+    cors_origins: tuple[str, ...] = _setting(
+        "*",
+        _comma_list,
+        "Origins allowed to send `/track` from browsers: comma-separated "
+        "(`https://a.example,https://b.example`) or `*` for any. Never with credentials.",
+    )
+    behind_tls: bool = _setting(
+        "false",
+        _boolean,
+        "The service is reached over HTTPS (directly or through a TLS proxy): send HSTS.",
+    )
+    metrics_token: str = _setting(
+        "",
+        _text,
+        "Bearer token `/metrics` requires (`Authorization: Bearer ...`); empty: no token.",
+        secret=True,
+    )
     log_level: str = _setting(
         "INFO",
         _one_of("DEBUG", "INFO", "WARNING", "ERROR", upper=True),

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import datetime
 from functools import cache
 from importlib.resources import files
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 
+from api import metrics
 from api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from api.events import RequestContext
+from api.events import Event, RequestContext
 from api.ingest import Ingestor, utcnow
 from api.settings import Settings
 
@@ -73,6 +75,7 @@ def track() -> Response:
     items = payload if isinstance(payload, list) else [payload]
     if not items:
         raise BadRequest("the batch is empty")
+    g.telemetry_events = len(items)  # for the rejected-events metric (api/errors.py)
     if len(items) > settings.max_batch:
         raise PayloadTooLarge(f"a batch holds at most {settings.max_batch} events")
     ingestor = _ingestor()
@@ -80,9 +83,16 @@ def track() -> Response:
     events = ingestor.validate(items, context)
     beacon = request.mimetype == "text/plain"
     if _dnt(settings):
+        metrics.events_rejected("do_not_track", len(events))
         return Response(status=204) if beacon else _accepted(0)
-    ingestor.record(events, _address(), context.now)
+    _store(ingestor, events, context.now)
     return Response(status=204) if beacon else _accepted(len(events))
+
+
+def _store(ingestor: Ingestor, events: list[Event], now: datetime) -> None:
+    current_app.extensions["telemetry.ratelimits"].check_sites(events)
+    ingestor.record(events, _address(), now)
+    metrics.events_accepted(len(events))
 
 
 def _accepted(count: int) -> Response:
@@ -104,8 +114,10 @@ def pixel() -> Response:
     ingestor = _ingestor()
     context = _context(settings)
     events = ingestor.validate([item], context)
-    if not _dnt(settings):
-        ingestor.record(events, _address(), context.now)
+    if _dnt(settings):
+        metrics.events_rejected("do_not_track")
+    else:
+        _store(ingestor, events, context.now)
     return Response(PIXEL, mimetype="image/gif", headers=NO_CACHE)
 
 

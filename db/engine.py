@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 
@@ -59,12 +59,17 @@ def make_engine(
     return engine
 
 
-def backend_of(engine: Engine) -> Backend:
-    """Which of the supported backends `engine` talks to."""
-    if engine.dialect.name == "sqlite":
+def backend_of(bind: Engine | Connection) -> Backend:
+    """Which of the supported backends `bind` (an engine or an open connection) talks to.
+
+    TimescaleDB is PostgreSQL with the extension installed in this database.
+    """
+    if bind.dialect.name == "sqlite":
         return Backend.SQLITE
-    with engine.connect() as connection:
-        has_timescale = connection.execute(
-            text("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
-        ).first()
+    query = text("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'")
+    if isinstance(bind, Connection):
+        has_timescale = bind.execute(query).first()
+    else:
+        with bind.connect() as connection:
+            has_timescale = connection.execute(query).first()
     return Backend.TIMESCALEDB if has_timescale else Backend.POSTGRESQL

@@ -7,11 +7,13 @@ import fcntl
 import functools
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
+import psycopg
 from sqlalchemy import Engine, insert
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -42,6 +44,43 @@ HIT_COLUMNS = ("ts", "site", "path", "referrer", "ip_hash", "user_agent", "brows
 
 class StorageUnavailable(Exception):
     """The database cannot be written right now; the client should retry later."""
+
+
+# Server states that pass: the server is restarting or shutting down, or it is a
+# read-only standby (e.g. the old primary after a failover). psycopg reports the
+# last one as an InternalError, which SQLAlchemy does not treat as a lost connection.
+_UNAVAILABLE_SERVER_ERRORS = (
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CannotConnectNow,
+)
+
+
+def is_unavailable(exc: sa_exc.DBAPIError) -> bool:
+    """Whether a database error means "retry later" (503) rather than a bug (500)."""
+    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or isinstance(
+        exc.orig, _UNAVAILABLE_SERVER_ERRORS
+    )
+
+
+@contextmanager
+def sqlite_write_lock(path: Path) -> Iterator[None]:
+    """The blocking file lock every SQLite writer of the service holds around its
+    write transaction (see _SqliteWriter); rollup refreshes and retention take it too."""
+    with open(f"{path}-writelock", "ab") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def writers_lock(engine: Engine) -> AbstractContextManager[None]:
+    """For bulk changes beside ingestion (refreshes, retention): on SQLite, queue
+    with the hit writers on their file lock instead of failing them on SQLite's
+    busy timeout; elsewhere the database's row locks suffice."""
+    path = sqlite_path(str(engine.url))
+    return sqlite_write_lock(path) if path is not None else nullcontext()
 
 
 class HitStore:
@@ -185,8 +224,10 @@ class _SqlAlchemyWriter:
                         insert(Hit), [dict(zip(HIT_COLUMNS, h[:10], strict=True)) for h in new_hits]
                     )
                 return len(new_hits)
-        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-            raise StorageUnavailable(str(exc.orig or exc)) from exc
+        except sa_exc.DBAPIError as exc:
+            if is_unavailable(exc):
+                raise StorageUnavailable(str(exc.orig or exc)) from exc
+            raise
 
     def close(self) -> None:
         pass

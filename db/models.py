@@ -117,3 +117,17 @@ class HashSalt(Base):
     salt: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False)
     # NULL for the permanent key of TELEMETRY_HASH_PERIOD=none.
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class RollupWatermark(Base):
+    """How far each service-maintained rollup is materialised (see db/aggregates.py).
+
+    The public view of an aggregate reads its rollup table before
+    `materialized_until` and aggregates raw hits live from there on. Unused
+    where the aggregates are TimescaleDB continuous aggregates.
+    """
+
+    __tablename__ = "rollup_watermarks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    materialized_until: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)

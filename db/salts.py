@@ -10,7 +10,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from db.hits import StorageUnavailable
+from db.hits import StorageUnavailable, is_unavailable
 from db.models import HashSalt
 
 
@@ -31,10 +31,12 @@ def get_or_create_salt(engine: Engine, period: str, expires_at: datetime | None)
             return connection.execute(
                 select(HashSalt.salt).where(HashSalt.period == period)
             ).scalar_one()
-    except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+    except sa_exc.DBAPIError as exc:
         # The first event of a period meets an outage here, before the hit writer:
         # the same 503 as a failed write, not a 500.
-        raise StorageUnavailable(str(exc.orig or exc)) from exc
+        if is_unavailable(exc):
+            raise StorageUnavailable(str(exc.orig or exc)) from exc
+        raise
 
 
 def delete_expired_salts(engine: Engine, now: datetime) -> list[str]:
@@ -48,8 +50,10 @@ def delete_expired_salts(engine: Engine, now: datetime) -> list[str]:
                     .returning(HashSalt.period)
                 )
             )
-    except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
-        raise StorageUnavailable(str(exc.orig or exc)) from exc
+    except sa_exc.DBAPIError as exc:
+        if is_unavailable(exc):
+            raise StorageUnavailable(str(exc.orig or exc)) from exc
+        raise
 
 
 def salt_periods(engine: Engine) -> list[str]:

@@ -3,7 +3,7 @@ them, and small helpers to read back what was stored.
 
 Every API test that takes `database_url` runs once per backend in `BACKENDS`:
 a fresh SQLite file per test, and one database per test session on each
-database server (PostgreSQL, later TimescaleDB), emptied between tests.
+database server (PostgreSQL, TimescaleDB), emptied between tests.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
 from api import create_app
+from api.maintenance import stop_scheduler
 from api.settings import describe, load_settings
-from db import make_engine, migrate
-from db.models import Hit
+from db import Backend, backend_of, make_engine, migrate
+from db.aggregates import AGGREGATES, EPOCH, ROLLUP_TABLES, Mechanism, mechanism_of
+from db.models import Hit, RollupWatermark
 
 
 @dataclass(frozen=True)
@@ -50,18 +52,24 @@ class ServerBackend:
         return url
 
 
-# The backends every database test runs on. A new server backend is one more
-# entry here (e.g. "timescaledb" on TELEMETRY_TEST_TIMESCALE_URL, port 5433).
+# The backends every database test runs on. A new server backend is one more entry here.
 SERVER_BACKENDS: dict[str, ServerBackend] = {
     "postgresql": ServerBackend(
         "postgresql",
         "TELEMETRY_TEST_POSTGRES_URL",
         "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
     ),
+    # scripts/timescaledb-test-server.sh (make test runs it): Debian's Apache-only build.
+    "timescaledb": ServerBackend(
+        "timescaledb",
+        "TELEMETRY_TEST_TIMESCALE_URL",
+        "postgresql+psycopg://postgres@127.0.0.1:5433/postgres",
+        extensions=("timescaledb",),
+    ),
 }
 BACKENDS = ["sqlite", *SERVER_BACKENDS]
 
-# Emptied before each test on the server backends.
+# Emptied before each test on the server backends (and the aggregates with them).
 TABLES = ("hits", "seen_events", "hash_salts")
 
 
@@ -141,8 +149,26 @@ class DatabaseServers:
         """Remove every row the previous test left behind."""
         if url not in self._cleaners:
             self._cleaners[url] = sa.create_engine(url)
-        with self._cleaners[url].begin() as connection:
-            connection.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY"))
+        engine = self._cleaners[url]
+        with engine.begin() as connection:
+            continuous = mechanism_of(connection) is Mechanism.CONTINUOUS_AGGREGATES
+            rollups = () if continuous else tuple(sorted(ROLLUP_TABLES))
+            if backend_of(connection) is Backend.TIMESCALEDB:
+                # TRUNCATE would drop the hypertable's chunks, and making a new
+                # chunk for the next test's first hit costs more than the test.
+                connection.execute(sa.text("DELETE FROM hits"))
+                connection.execute(sa.text("ALTER SEQUENCE hits_id_seq RESTART"))
+                tables = tuple(t for t in TABLES if t != "hits")
+            else:
+                tables = TABLES
+            connection.execute(sa.text(f"TRUNCATE {', '.join(tables + rollups)} RESTART IDENTITY"))
+            connection.execute(sa.update(RollupWatermark).values(materialized_until=EPOCH))
+        if continuous:
+            # Forget what the continuous aggregates materialised from the old rows.
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                for aggregate in AGGREGATES:
+                    refresh = f"CALL refresh_continuous_aggregate('{aggregate.name}', NULL, NULL)"
+                    connection.execute(sa.text(refresh))
 
     def drop_all(self) -> None:
         for engine in self._cleaners.values():
@@ -208,6 +234,8 @@ def make_app(request: pytest.FixtureRequest) -> Iterator[AppFactory]:
     def build(**overrides: Any) -> Flask:
         if "database_url" not in overrides:
             overrides["database_url"] = request.getfixturevalue("database_url")
+        # No maintenance thread unless a test asks for one.
+        overrides.setdefault("maintenance_interval_seconds", 0)
         app = create_app(load_settings({}, **overrides))
         apps.append(app)
         return app
@@ -218,6 +246,7 @@ def make_app(request: pytest.FixtureRequest) -> Iterator[AppFactory]:
 
 
 def close_app(app: Flask) -> None:
+    stop_scheduler(app)
     app.extensions["telemetry.ingestor"].close()
     app.extensions["telemetry.engine"].dispose()
 

@@ -19,6 +19,8 @@ THREADS = 32
 REQUESTS_PER_THREAD = 50
 
 
+# All 1600 requests come from one address: more than the default per-client limit.
+@pytest.mark.parametrize("app", [{"ratelimit_client": ""}], indirect=True)
 def test_concurrent_requests_are_each_committed_exactly_once(app, database_url):
     start = threading.Barrier(THREADS)
 

@@ -1,0 +1,269 @@
+"""Rate limits: per client and per site on /track, stricter on report pages.
+
+Flask-Limiter counts requests in the storage named by TELEMETRY_RATELIMIT_STORAGE:
+the process's memory by default (each gunicorn worker then has its own
+budget), or Redis (directly or through Sentinel), where every worker and host
+shares one.
+
+A client is known by a keyed hash of its address, never by the address: the
+key is the period's hashing key from `api.privacy` (the one `ip_hash` uses,
+kept in the database, so every worker and host derives the same limit key),
+over a domain-separated input, so a limit key cannot be matched against
+stored `ip_hash` values either. It changes with each hashing period.
+
+When the storage cannot be reached the request goes through (fail-open; 503
+with TELEMETRY_RATELIMIT_FAIL_CLOSED): a telemetry outage is worse than a
+short while without limits. Every such request is counted in
+`telemetry_ratelimit_storage_errors_total`; the log gets one line per minute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from flask_limiter import Limiter, RateLimitExceeded
+from limits import RateLimitItem, parse_many
+from limits.errors import StorageError
+from limits.storage import MemoryStorage
+
+from api import metrics
+from api.errors import APIError, Unavailable, error_response
+from api.events import Event
+from api.privacy import normalise_address
+from api.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Blueprints whose every route gets TELEMETRY_RATELIMIT_REPORTS (one budget per
+# client shared by all of them) and the strict report-page CSP (api/headers.py).
+# The report and stats code registers its blueprint under one of these names.
+REPORT_BLUEPRINTS = frozenset({"reports", "stats"})
+
+# Domain separation: a limit key is never equal to the address's stored ip_hash.
+_KEY_DOMAIN = b"ratelimit\x00"
+
+
+class RateLimited(APIError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, retry_after)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class StorageOutage:
+    """What to do, and what to say, when the limit storage is unreachable."""
+
+    LOG_INTERVAL = 60.0
+
+    def __init__(self, fail_closed: bool) -> None:
+        self.fail_closed = fail_closed
+        self._lock = threading.Lock()
+        self._last_logged = -float("inf")
+        self._unlogged = 0
+
+    def failed(self, error: Exception) -> None:
+        """Count and (at most once per interval) log the failure; raise when failing closed."""
+        metrics.ratelimit_storage_error(allowed=not self.fail_closed)
+        now = time.monotonic()
+        with self._lock:
+            self._unlogged += 1
+            due = now - self._last_logged >= self.LOG_INTERVAL
+            if due:
+                count, self._unlogged, self._last_logged = self._unlogged, 0, now
+        if due:
+            cause = getattr(error, "storage_error", error)
+            log.error(
+                "rate-limit storage unreachable (%s: %s); %d request(s) %s since the last "
+                "report; next report in %.0f s at the earliest",
+                type(cause).__name__,
+                cause,
+                count,
+                "refused (fail-closed)" if self.fail_closed else "let through unlimited",
+                self.LOG_INTERVAL,
+            )
+        if self.fail_closed:
+            raise Unavailable("rate limits cannot be checked right now; retry later")
+
+
+class SweepingMemoryStorage(MemoryStorage):
+    """`memory://`, minus a thread start on most requests.
+
+    limits' memory storage sweeps expired counters in a 10 ms `threading.Timer`
+    and starts a new one on the first hit after the last has run: under steady
+    traffic up to a hundred thread starts a second, which cost more than the
+    rest of a /track request. A counter that has expired is dropped when it is
+    read anyway, so sweeping at most every few seconds only bounds memory.
+    """
+
+    STORAGE_SCHEME = ["telemetry+memory"]  # noqa: RUF012 - how limits declares it
+    SWEEP_INTERVAL = 5.0
+
+    def __init__(self, uri: str | None = None, **options: object) -> None:
+        self._next_sweep = 0.0
+        super().__init__(uri, **options)  # type: ignore[arg-type]
+
+    # Overrides MemoryStorage's private (name-mangled) scheduler; a test checks it exists.
+    def _MemoryStorage__schedule_expiry(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_sweep and not self.timer.is_alive():
+            self._next_sweep = now + self.SWEEP_INTERVAL
+            self.timer = threading.Timer(0.01, self._MemoryStorage__expire_events)  # type: ignore[attr-defined]
+            self.timer.daemon = True
+            self.timer.start()
+
+
+def storage_uri(setting: str) -> str:
+    """The limits storage URI for TELEMETRY_RATELIMIT_STORAGE."""
+    if setting.startswith("memory://"):
+        return "telemetry+memory://" + setting.removeprefix("memory://")
+    return setting
+
+
+class TelemetryLimiter(Limiter):
+    """Flask-Limiter, evaluated only where it has limits, with our storage-outage policy.
+
+    Its before-request check resolves decorators, blueprint and default limits
+    on every request, which costs more than the rest of a small /track request;
+    so it only runs for the report blueprints, and /track counts its hits
+    straight on the same storage and strategy (`RateLimits.limit_track`).
+    Flask-Limiter's own `swallow_errors` logs a traceback per request and
+    cannot refuse, hence the wrapper for storage errors."""
+
+    def __init__(self, outage: StorageOutage, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.outage = outage
+
+    def _check_request_limit(
+        self, callable_name: str | None = None, in_middleware: bool = True
+    ) -> None:
+        if request.blueprint not in REPORT_BLUEPRINTS:
+            return
+        try:
+            super()._check_request_limit(callable_name, in_middleware)
+        except StorageError as exc:
+            self.outage.failed(exc)
+
+
+def client_key() -> str:
+    """The rate-limit key of the requesting client: a keyed hash of its address."""
+    # ProxyFix has already put the trusted X-Forwarded-For entry here.
+    address = request.remote_addr or "0.0.0.0"
+    try:
+        packed = normalise_address(address)
+    except ValueError:
+        packed = address.encode()[:64]  # /track answers 400 for it; still never stored raw
+    now = datetime.now(UTC)
+    hasher = current_app.extensions["telemetry.ingestor"].hasher
+    return hasher.hash_normalised(_KEY_DOMAIN + packed, now, now)[:12].hex()
+
+
+# The endpoints TELEMETRY_RATELIMIT_CLIENT applies to (not /t.js, which browsers cache).
+TRACK_ENDPOINTS = frozenset({"track.track", "track.pixel"})
+
+
+class RateLimits:
+    """The app's limiter; the per-client and per-site limits of /track."""
+
+    def __init__(self, app: Flask, settings: Settings) -> None:
+        self.outage = StorageOutage(settings.ratelimit_fail_closed)
+        self.limiter = TelemetryLimiter(
+            self.outage,
+            key_func=client_key,
+            storage_uri=storage_uri(settings.ratelimit_storage),
+            # StorageError instead of each client library's own exceptions.
+            storage_options={"wrap_exceptions": True},
+            strategy="fixed-window",
+            key_prefix=settings.ratelimit_key_prefix,
+            # Headers on every answer would cost a second storage round trip per
+            # request; 429s carry Retry-After (see _too_many_requests).
+            headers_enabled=False,
+        )
+        self.limiter.init_app(app)
+        self.key_prefix = settings.ratelimit_key_prefix
+        self.client_limits = _parse(settings.ratelimit_client)
+        self.site_limits = _parse(settings.ratelimit_site)
+        self.reports_limit = settings.ratelimit_reports
+        if self.client_limits:
+            app.before_request_funcs.setdefault("track", []).append(self.limit_track)
+
+    def limit_report_blueprint(self, blueprint: Blueprint) -> None:
+        """Put every route of `blueprint` under one per-client reports budget.
+        Must run before the blueprint serves its first request."""
+        if self.reports_limit:
+            self.limiter.shared_limit(self.reports_limit, scope="reports")(blueprint)
+
+    def limit_track(self) -> None:
+        """Before a /track request: count it against the client's limits."""
+        if request.endpoint in TRACK_ENDPOINTS and request.method != "OPTIONS":
+            self._hit(self.client_limits, "client", client_key(), 1)
+
+    def check_sites(self, events: Sequence[Event]) -> None:
+        """Count `events` against their sites' limits; RateLimited if one is over."""
+        if not self.site_limits:
+            return
+        if len(events) == 1:
+            self._hit(self.site_limits, "site", events[0].site, 1)
+            return
+        for site, count in Counter(event.site for event in events).items():
+            self._hit(self.site_limits, "site", site, count)
+
+    def _hit(self, items: Sequence[RateLimitItem], scope: str, key: str, cost: int) -> None:
+        if "telemetry_ratelimit_outage" in g:
+            return  # counted once per request, and no second wait for a dead storage
+        strategy = self.limiter.limiter
+        try:
+            for item in items:
+                if not strategy.hit(item, self.key_prefix, scope, key, cost=cost):
+                    reset = strategy.get_window_stats(item, self.key_prefix, scope, key).reset_time
+                    metrics.rate_limited(scope)
+                    who = "this client" if scope == "client" else f"site {key!r}"
+                    raise RateLimited(
+                        f"{who} is over its limit of {item}",
+                        retry_after=int(reset - time.time()) + 1,
+                    )
+        except StorageError as exc:
+            g.telemetry_ratelimit_outage = True
+            self.outage.failed(exc)
+
+
+def _parse(limits: str) -> Sequence[RateLimitItem]:
+    return parse_many(limits) if limits else ()
+
+
+def _too_many_requests(error: RateLimitExceeded) -> Response:
+    """A Flask-Limiter breach (the reports limit) in our JSON shape."""
+    rate_limits: RateLimits = current_app.extensions["telemetry.ratelimits"]
+    item = error.limit.limit
+    retry_after = item.get_expiry()
+    current = rate_limits.limiter.current_limit
+    if current is not None:
+        # If the storage went away since the hit, the window length is an upper bound.
+        with contextlib.suppress(StorageError):
+            retry_after = int(current.reset_at - time.time()) + 1
+    metrics.rate_limited("reports")
+    response = error_response(429, RateLimited.code, f"this client is over its limit of {item}")
+    response.headers["Retry-After"] = str(max(1, retry_after))
+    return response
+
+
+def init_app(app: Flask, settings: Settings) -> RateLimits:
+    """Set up limits on /track and on every report blueprint already registered."""
+    rate_limits = RateLimits(app, settings)
+    app.extensions["telemetry.ratelimits"] = rate_limits
+    for name, blueprint in app.blueprints.items():
+        if name in REPORT_BLUEPRINTS:
+            rate_limits.limit_report_blueprint(blueprint)  # type: ignore[arg-type]
+    app.register_error_handler(RateLimitExceeded, _too_many_requests)
+    return rate_limits
