@@ -20,10 +20,12 @@ from __future__ import annotations
 import hmac
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
+
+from db.aggregates import rollup_lag_seconds
 
 bp = Blueprint("metrics", __name__)
 
@@ -144,9 +146,7 @@ def observe_commit(items: int, seconds: float) -> None:
     m.commit_group.observe(items)
 
 
-# --- rollup lag: for the rollup code to fill in -------------------------------------------
-
-_rollup_lag_sources: list[Callable[[], Mapping[str, float]]] = []
+# --- rollup lag ---------------------------------------------------------------------------
 
 
 def set_rollup_lag(rollup: str, seconds: float) -> None:
@@ -157,22 +157,16 @@ def set_rollup_lag(rollup: str, seconds: float) -> None:
     metrics().rollup_lag.labels(rollup).set(seconds)
 
 
-def register_rollup_lag_source(source: Callable[[], Mapping[str, float]]) -> None:
-    """Register `source() -> {rollup name: lag in seconds}`, called on every scrape of
-    /metrics (e.g. reading the rollups' watermarks from the database). This is the
-    hook for the rollup code: nothing calls it yet."""
-    _rollup_lag_sources.append(source)
-
-
 def _refresh_rollup_lag() -> None:
-    for source in _rollup_lag_sources:
-        try:
-            lags = source()
-        except Exception:  # a broken source must not break the scrape
-            current_app.logger.exception("rollup lag source %r failed", source)
-            continue
-        for rollup, seconds in lags.items():
-            set_rollup_lag(rollup, seconds)
+    """Read the aggregates' watermarks on every scrape: the lag is the database's
+    state, whichever process refreshed it."""
+    try:
+        lags = rollup_lag_seconds(current_app.extensions["telemetry.engine"])
+    except Exception:  # a database outage must not break the scrape
+        current_app.logger.warning("rollup lag unknown: the watermarks cannot be read")
+        return
+    for rollup, seconds in lags.items():
+        set_rollup_lag(rollup, seconds)
 
 
 # --- process metrics under gunicorn -------------------------------------------------------

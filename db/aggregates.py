@@ -483,6 +483,16 @@ def watermarks(engine: Engine) -> dict[str, datetime | None]:
         return {name: until for name, until in rows}
 
 
+def rollup_lag_seconds(engine: Engine, now: datetime | None = None) -> dict[str, float]:
+    """How far behind `now` each aggregate's materialised part ends, in seconds."""
+    now = now or datetime.now(UTC)
+    return {
+        name: (now - until).total_seconds()
+        for name, until in watermarks(engine).items()
+        if until is not None
+    }
+
+
 def _continuous_watermarks(connection: Connection) -> dict[str, datetime | None]:
     found: dict[str, datetime | None] = {}
     for aggregate in AGGREGATES:

@@ -333,3 +333,22 @@ def test_parity_of_a_seeded_synthetic_dataset(engine):
     store(engine, [])
     refresh(engine, now=START + timedelta(days=DAYS + 1))
     assert database_figures(engine) == expected  # all materialised
+
+
+def test_metrics_show_how_far_each_rollup_is_behind(database_url, make_app):
+    app = make_app()
+    engine = app.extensions["telemetry.engine"]
+    client = app.test_client()
+    assert client.post("/track", json={"url": "https://example.com/"}).status_code == 202
+    refresh(engine)
+
+    lines = client.get("/metrics").get_data(as_text=True).splitlines()
+
+    lags = {
+        line.split('rollup="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith("telemetry_rollup_lag_seconds{")
+    }
+    assert set(lags) == {aggregate.name for aggregate in AGGREGATES}
+    # Materialised up to the last complete bucket: at most a day behind, never ahead.
+    assert all(0 <= seconds <= 86_400 for seconds in lags.values()), lags
