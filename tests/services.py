@@ -4,6 +4,7 @@ the test that started it (by its own process id)."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import socket
@@ -113,8 +114,14 @@ class RedisSentinel:
 class Gunicorn:
     """`api.gunicorn_conf` in a subprocess, as `telemetry serve` runs it."""
 
-    def __init__(self, tmp_path: Path, database: Path, **settings: str) -> None:
+    def __init__(
+        self, tmp_path: Path, database: Path, client_address: str = "127.0.0.1", **settings: str
+    ) -> None:
         self.port = free_port()
+        self.database = database
+        # The loopback address requests come from (a distinctive one lets a test
+        # look for it in logs and files).
+        self.client_address = client_address
         self.log = tmp_path / f"gunicorn-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -136,20 +143,28 @@ class Gunicorn:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_until_ready(self, timeout: float = 30) -> None:
-        import http.client
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers=None
+    ) -> tuple[int, bytes]:
+        """(status, body) of one request on a connection of its own."""
+        connection = http.client.HTTPConnection(
+            "127.0.0.1", self.port, timeout=10, source_address=(self.client_address, 0)
+        )
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
 
+    def wait_until_ready(self, timeout: float = 30) -> None:
         def ready() -> bool:
             if self.process.poll() is not None:
                 pytest.fail(f"gunicorn exited early:\n{self.log.read_text()}")
-            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
             try:
-                connection.request("GET", "/readyz")
-                return connection.getresponse().status == 200
+                return self.request("GET", "/readyz")[0] == 200
             except OSError:
                 return False
-            finally:
-                connection.close()
 
         wait_for(ready, "gunicorn answering /readyz", timeout)
 

@@ -3,19 +3,16 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from services import Gunicorn
 
 from db import make_engine, migrate
 
@@ -26,86 +23,27 @@ CLIENT_ADDRESS = "127.0.0.77"
 FORWARDED_CLIENT = "203.0.113.77"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def clean_environment(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TELEMETRY_")}
     return {**env, **settings}
 
 
-class Server:
-    def __init__(self, tmp_path: Path, **settings: str) -> None:
-        self.port = free_port()
-        self.database = tmp_path / "t.db"
-        self.log = tmp_path / "gunicorn.log"
-        env = clean_environment(
-            TELEMETRY_DATABASE_URL=f"sqlite:///{self.database}",
-            TELEMETRY_BIND=f"127.0.0.1:{self.port}",
-            TELEMETRY_WORKERS="2",
-            **settings,
-        )
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf"],
-                cwd=tmp_path,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers=None):
-        connection = http.client.HTTPConnection(
-            "127.0.0.1", self.port, timeout=10, source_address=(CLIENT_ADDRESS, 0)
-        )
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
-
-    def wait_until_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"gunicorn exited early:\n{self.log.read_text()}")
-            try:
-                if self.request("GET", "/readyz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        pytest.fail(f"gunicorn not ready after {timeout}s:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
-
-
 @pytest.fixture
 def server(tmp_path):
-    server = Server(
+    server = Gunicorn(
         tmp_path,
+        tmp_path / "t.db",
+        client_address=CLIENT_ADDRESS,
+        TELEMETRY_WORKERS="2",
         TELEMETRY_TRUSTED_PROXIES="1",
         TELEMETRY_LOG_LEVEL="DEBUG",
         TELEMETRY_THREADS="8",
     )
     yield server
-    if server.process.poll() is None:
-        server.process.kill()
-        server.process.wait()
+    server.stop()
 
 
-def post_json(server: Server, body: object, headers=None) -> int:
+def post_json(server: Gunicorn, body: object, headers=None) -> int:
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json", **(headers or {})}
     status, _ = server.request("POST", "/track", data, headers)
