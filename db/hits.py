@@ -56,11 +56,18 @@ _UNAVAILABLE_SERVER_ERRORS = (
 )
 
 
-def is_unavailable(exc: sa_exc.DBAPIError) -> bool:
-    """Whether a database error means "retry later" (503) rather than a bug (500)."""
-    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or isinstance(
-        exc.orig, _UNAVAILABLE_SERVER_ERRORS
-    )
+@contextmanager
+def outages_as_unavailable() -> Iterator[None]:
+    """Turn a database error that means "retry later" into StorageUnavailable (503);
+    any other error (a bug: 500) passes unchanged."""
+    try:
+        yield
+    except sa_exc.DBAPIError as exc:
+        if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or isinstance(
+            exc.orig, _UNAVAILABLE_SERVER_ERRORS
+        ):
+            raise StorageUnavailable(str(exc.orig or exc)) from exc
+        raise
 
 
 @contextmanager
@@ -199,35 +206,30 @@ class _SqlAlchemyWriter:
         self._engine = engine
 
     def write(self, hits: Sequence[NewHit]) -> int:
-        try:
-            with self._engine.begin() as connection:
-                new_hits: Sequence[NewHit] = hits
-                keyed = {h.event_id: h.ts for h in hits if h.event_id is not None}
-                if keyed:
-                    remembered = set(
-                        connection.scalars(
-                            pg_insert(SeenEvent)
-                            .values([{"event_id": k, "ts": ts} for k, ts in keyed.items()])
-                            .on_conflict_do_nothing()
-                            .returning(SeenEvent.event_id)
-                        )
+        with outages_as_unavailable(), self._engine.begin() as connection:
+            new_hits: Sequence[NewHit] = hits
+            keyed = {h.event_id: h.ts for h in hits if h.event_id is not None}
+            if keyed:
+                remembered = set(
+                    connection.scalars(
+                        pg_insert(SeenEvent)
+                        .values([{"event_id": k, "ts": ts} for k, ts in keyed.items()])
+                        .on_conflict_do_nothing()
+                        .returning(SeenEvent.event_id)
                     )
-                    new_hits = []
-                    for hit in hits:
-                        if hit.event_id is not None:
-                            if hit.event_id not in remembered:
-                                continue
-                            remembered.discard(hit.event_id)  # a repeat inside the group
-                        new_hits.append(hit)
-                if new_hits:
-                    connection.execute(
-                        insert(Hit), [dict(zip(HIT_COLUMNS, h[:10], strict=True)) for h in new_hits]
-                    )
-                return len(new_hits)
-        except sa_exc.DBAPIError as exc:
-            if is_unavailable(exc):
-                raise StorageUnavailable(str(exc.orig or exc)) from exc
-            raise
+                )
+                new_hits = []
+                for hit in hits:
+                    if hit.event_id is not None:
+                        if hit.event_id not in remembered:
+                            continue
+                        remembered.discard(hit.event_id)  # a repeat inside the group
+                    new_hits.append(hit)
+            if new_hits:
+                connection.execute(
+                    insert(Hit), [dict(zip(HIT_COLUMNS, h[:10], strict=True)) for h in new_hits]
+                )
+            return len(new_hits)
 
     def close(self) -> None:
         pass

@@ -6,11 +6,10 @@ import secrets
 from datetime import datetime
 
 from sqlalchemy import Engine, delete, select
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from db.hits import StorageUnavailable, is_unavailable
+from db.hits import outages_as_unavailable
 from db.models import HashSalt
 
 
@@ -21,39 +20,29 @@ def get_or_create_salt(engine: Engine, period: str, expires_at: datetime | None)
     ignores a conflict and everyone reads back the one key that won.
     """
     dialect_insert = sqlite_insert if engine.dialect.name == "sqlite" else pg_insert
-    try:
-        with engine.begin() as connection:
-            connection.execute(
-                dialect_insert(HashSalt)
-                .values(period=period, salt=secrets.token_bytes(32), expires_at=expires_at)
-                .on_conflict_do_nothing()
-            )
-            return connection.execute(
-                select(HashSalt.salt).where(HashSalt.period == period)
-            ).scalar_one()
-    except sa_exc.DBAPIError as exc:
-        # The first event of a period meets an outage here, before the hit writer:
-        # the same 503 as a failed write, not a 500.
-        if is_unavailable(exc):
-            raise StorageUnavailable(str(exc.orig or exc)) from exc
-        raise
+    # The first event of a period meets an outage here, before the hit writer:
+    # the same 503 as a failed write, not a 500.
+    with outages_as_unavailable(), engine.begin() as connection:
+        connection.execute(
+            dialect_insert(HashSalt)
+            .values(period=period, salt=secrets.token_bytes(32), expires_at=expires_at)
+            .on_conflict_do_nothing()
+        )
+        return connection.execute(
+            select(HashSalt.salt).where(HashSalt.period == period)
+        ).scalar_one()
 
 
 def delete_expired_salts(engine: Engine, now: datetime) -> list[str]:
     """Forget every key whose period and grace window are over; return their periods."""
-    try:
-        with engine.begin() as connection:
-            return list(
-                connection.scalars(
-                    delete(HashSalt)
-                    .where(HashSalt.expires_at.is_not(None), HashSalt.expires_at <= now)
-                    .returning(HashSalt.period)
-                )
+    with outages_as_unavailable(), engine.begin() as connection:
+        return list(
+            connection.scalars(
+                delete(HashSalt)
+                .where(HashSalt.expires_at.is_not(None), HashSalt.expires_at <= now)
+                .returning(HashSalt.period)
             )
-    except sa_exc.DBAPIError as exc:
-        if is_unavailable(exc):
-            raise StorageUnavailable(str(exc.orig or exc)) from exc
-        raise
+        )
 
 
 def salt_periods(engine: Engine) -> list[str]:
