@@ -74,7 +74,10 @@ def clean_path(raw: str, allowlist: frozenset[str], field: str = "path") -> str:
     if query and any(name in query for name in allowlist):
         kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k in allowlist]
         if kept:
-            return f"{path}?{urlencode(kept)}"
+            cleaned = f"{path}?{urlencode(kept)}"
+            if len(cleaned) > PATH_MAX:  # percent-encoding can triple the query's length
+                raise InvalidEvent(field, f"longer than {PATH_MAX} characters once encoded")
+            return cleaned
     return path
 
 
@@ -110,10 +113,15 @@ def parse_event(item: object, context: RequestContext) -> Event:
     url_host = None
     if (url := item.get("url")) is not None:
         url = _text(url, "url", PATH_MAX)
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # e.g. an unclosed IPv6 bracket: "http://[::1/"
+            raise InvalidEvent("url", "is not a valid address") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidEvent("url", "must be an absolute http(s) address")
         url_host = parts.hostname
+        if len(url_host) > SITE_MAX:
+            raise InvalidEvent("url", f"has a host longer than {SITE_MAX} characters")
         raw_path = parts.path or "/"
         if parts.query:
             raw_path = f"{raw_path}?{parts.query}"
@@ -126,7 +134,9 @@ def parse_event(item: object, context: RequestContext) -> Event:
     if (site := item.get("site")) is not None:
         site = _text(site, "site", SITE_MAX)
     else:
-        site = url_host or context.origin_host or context.default_site
+        # An Origin host longer than DNS allows (and the column holds) names no site.
+        origin_host = context.origin_host if len(context.origin_host or "") <= SITE_MAX else None
+        site = url_host or origin_host or context.default_site
 
     referrer = item.get("referrer")
     if referrer is not None:

@@ -33,12 +33,18 @@ def _ingestor() -> Ingestor:
     return current_app.extensions["telemetry.ingestor"]
 
 
+def _origin_host() -> str | None:
+    try:
+        return urlsplit(request.headers.get("Origin", "")).hostname
+    except ValueError:  # a malformed header only loses its default site
+        return None
+
+
 def _context(settings: Settings) -> RequestContext:
-    origin = request.headers.get("Origin")
     return RequestContext(
         now=utcnow(),
         user_agent=request.headers.get("User-Agent"),
-        origin_host=urlsplit(origin).hostname if origin else None,
+        origin_host=_origin_host(),
         default_site=settings.default_site,
         query_allowlist=frozenset(settings.query_allowlist),
     )

@@ -155,8 +155,9 @@ class _SqliteWriter:
 
     def _write_locked(self, hits: Sequence[NewHit]) -> int:
         connection = self._connection
-        if not any(hit.event_id for hit in hits):
-            # One multi-row INSERT outside BEGIN/COMMIT is a transaction of its own.
+        if len(hits) <= self.ROWS_PER_STATEMENT and not any(hit.event_id for hit in hits):
+            # One multi-row INSERT outside BEGIN/COMMIT is a transaction of its own
+            # (more rows take several statements, which must share one).
             self._insert(hits)
             return len(hits)
         connection.execute("BEGIN IMMEDIATE")

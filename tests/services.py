@@ -10,8 +10,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import redis
@@ -25,13 +27,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def cannot_run(message: str) -> NoReturn:
+    """A service the test needs is missing: a failure in CI, locally a loud skip."""
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(f"!!! SKIPPED !!! {message}")
+
+
 def require_binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (scripts/debian-packages.txt; `make test` installs it)"
-        if os.environ.get("CI", "").strip().lower() == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        cannot_run(
+            f"{name} is not installed (scripts/debian-packages.txt; `make test` installs it)"
+        )
     return path
 
 
@@ -128,8 +136,8 @@ class Gunicorn:
         env.update(
             TELEMETRY_DATABASE_URL=f"sqlite:///{database}",
             TELEMETRY_BIND=f"127.0.0.1:{self.port}",
-            **settings,
         )
+        env.update(settings)  # may name another database (TELEMETRY_DATABASE_URL)
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "--config", "python:api.gunicorn_conf"],
@@ -147,13 +155,20 @@ class Gunicorn:
         self, method: str, path: str, body: bytes | None = None, headers=None
     ) -> tuple[int, bytes]:
         """(status, body) of one request on a connection of its own."""
+        status, _headers, answer = self.exchange(method, path, body, headers)
+        return status, answer
+
+    def exchange(
+        self, method: str, path: str, body: bytes | None = None, headers=None
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """(status, headers, body) of one request on a connection of its own."""
         connection = http.client.HTTPConnection(
             "127.0.0.1", self.port, timeout=10, source_address=(self.client_address, 0)
         )
         try:
             connection.request(method, path, body=body, headers=headers or {})
             response = connection.getresponse()
-            return response.status, response.read()
+            return response.status, response.headers, response.read()
         finally:
             connection.close()
 
@@ -176,3 +191,48 @@ class Gunicorn:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         return self.process.wait()
+
+
+class PostgresCluster:
+    """A PostgreSQL server of our own, for tests that stop and start it: initdb in a
+    temp folder, trust auth, a free loopback port. PostgreSQL refuses to run as
+    root, so as root its commands run as the postgres user."""
+
+    def __init__(self) -> None:
+        binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not binaries:
+            cannot_run("PostgreSQL's initdb is not installed (Debian's postgresql package)")
+        self.bin = binaries[-1].parent
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="telemetry-postgres-"))
+        self.data = self.directory / "data"
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, "postgres", "postgres")
+        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                  "--no-sync")  # fmt: skip
+        self.start()
+
+    def _run(self, program: str, *args: object) -> None:
+        command = [str(self.bin / program), *map(str, args)]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            pytest.fail(f"{program} failed:\n{result.stdout}{result.stderr}")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1"
+        self._run("pg_ctl", "start", "-w", "-D", self.data, "-l", self.directory / "server.log",
+                  "-o", options)  # fmt: skip
+
+    def stop(self, mode: str = "fast") -> None:
+        """`immediate` is a crash: sessions are cut off mid-transaction."""
+        self._run("pg_ctl", "stop", "-w", "-D", self.data, "-m", mode)
+
+    def destroy(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self.stop("immediate")
+        shutil.rmtree(self.directory, ignore_errors=True)
