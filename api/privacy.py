@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
-from db.salts import delete_expired_salts, get_or_create_salt
+from db.salts import delete_expired_salts, get_or_create_salt, held_salts
 
 PERMANENT = "all"
 
@@ -57,6 +57,19 @@ def period_bounds(mode: str, ts: datetime) -> tuple[str, datetime, datetime | No
     return f"{ts.year:04d}-{ts.month:02d}", start, end
 
 
+def keyed_hash(key: bytes, packed_address: bytes) -> bytes:
+    """`ip_hash` of an address already through `normalise_address`, with one period's key."""
+    return hmac.digest(key, packed_address, hashlib.sha256)[:16]
+
+
+def address_hashes(engine: Engine, address: str) -> dict[str, bytes]:
+    """The `ip_hash` of `address` under every key still held, by period: what
+    erasure looks for. Periods whose keys are deleted cannot be searched (nor
+    linked to the address by anyone)."""
+    packed = normalise_address(address)
+    return {period: keyed_hash(key, packed) for period, key in held_salts(engine).items()}
+
+
 class VisitorHasher:
     """Turns addresses into `ip_hash` values with the key of the event's period."""
 
@@ -75,7 +88,7 @@ class VisitorHasher:
 
     def hash_normalised(self, packed_address: bytes, ts: datetime, now: datetime) -> bytes:
         """`ip_hash` of an address already through `normalise_address`."""
-        return hmac.digest(self._key_for(ts, now), packed_address, hashlib.sha256)[:16]
+        return keyed_hash(self._key_for(ts, now), packed_address)
 
     def _key_for(self, ts: datetime, now: datetime) -> bytes:
         recent = self._recent

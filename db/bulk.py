@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 from psycopg.copy import QueuedLibpqWriter
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from db.engine import configure_sqlite, sqlite_path
 from db.hits import HIT_COLUMNS, NewHit, sqlite_write_lock
@@ -133,21 +133,15 @@ def _load_sqlite(path: Path, chunks: Iterable[HitChunk]) -> int:
     total = 0
     try:
         configure_sqlite(connection, "NORMAL", 5000)
-        width = len(HIT_COLUMNS)
         for chunk in chunks:
             rows = len(chunk)
             if not rows:
                 continue
-            values = list(chain.from_iterable(zip(*_sqlite_columns(chunk), strict=True)))
             # Between chunks the service's own writers get their turn.
             with sqlite_write_lock(path):
                 connection.execute("BEGIN IMMEDIATE")
                 try:
-                    for start in range(0, rows, SQLITE_ROWS_PER_STATEMENT):
-                        stop = min(start + SQLITE_ROWS_PER_STATEMENT, rows)
-                        connection.execute(
-                            _sqlite_insert_sql(stop - start), values[start * width : stop * width]
-                        )
+                    _insert_sqlite(connection, chunk)
                     connection.execute("COMMIT")
                 except BaseException:
                     connection.execute("ROLLBACK")
@@ -156,6 +150,32 @@ def _load_sqlite(path: Path, chunks: Iterable[HitChunk]) -> int:
     finally:
         connection.close()
     return total
+
+
+def _insert_sqlite(connection: sqlite3.Connection, chunk: HitChunk) -> None:
+    """Insert `chunk` with multi-row INSERTs, in the caller's transaction."""
+    width = len(HIT_COLUMNS)
+    rows = len(chunk)
+    values = list(chain.from_iterable(zip(*_sqlite_columns(chunk), strict=True)))
+    for start in range(0, rows, SQLITE_ROWS_PER_STATEMENT):
+        stop = min(start + SQLITE_ROWS_PER_STATEMENT, rows)
+        connection.execute(_sqlite_insert_sql(stop - start), values[start * width : stop * width])
+
+
+def insert_chunk(connection: Connection, chunk: HitChunk) -> None:
+    """Insert `chunk` inside the caller's transaction on `connection`, with the
+    same fast path as `load_hits` (for writes that must commit together with
+    other rows, such as an import's batch and its idempotency key)."""
+    if not len(chunk):
+        return
+    driver = connection.connection.driver_connection
+    if connection.dialect.name == "sqlite":
+        assert isinstance(driver, sqlite3.Connection)
+        _insert_sqlite(driver, chunk)
+        return
+    cursor = driver.cursor()  # type: ignore[union-attr]
+    with cursor.copy(COPY_SQL) as copy:
+        copy.write(copy_text(chunk))
 
 
 # --- PostgreSQL and TimescaleDB ----------------------------------------------

@@ -49,3 +49,9 @@ def salt_periods(engine: Engine) -> list[str]:
     """The periods whose keys are still held."""
     with engine.connect() as connection:
         return list(connection.scalars(select(HashSalt.period).order_by(HashSalt.period)))
+
+
+def held_salts(engine: Engine) -> dict[str, bytes]:
+    """Every key still held, by period (for erasure, which must try each)."""
+    with engine.connect() as connection:
+        return dict(connection.execute(select(HashSalt.period, HashSalt.salt)).all())
