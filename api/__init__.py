@@ -49,10 +49,13 @@ def create_app(settings: Settings | None = None) -> Flask:
             app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies
         )
 
-    from api import headers, health, metrics, ratelimit, track
+    from api import headers, health, metrics, ratelimit, reports, stats, track
 
     app.register_blueprint(track.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(stats.bp)
+    app.register_blueprint(reports.bp)
+    app.register_blueprint(reports.assets_bp)
     register_error_handlers(app)
     metrics.init_app(app)
     headers.init_app(app, settings)

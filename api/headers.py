@@ -11,9 +11,12 @@ from api.settings import Settings
 # Nothing this API answers (JSON, a GIF, a script) needs to load anything.
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 # Report pages: own scripts, styles and images only (no inline script, no
-# third-party origin), no plugins, no framing, forms only back to us.
+# third-party origin), no plugins, no framing, forms only back to us. Inline
+# styles are allowed: plotly.js sets style attributes and fills <style>
+# elements as it draws, and draws broken without them. Styles cannot run code.
 REPORT_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; "
     "font-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
     "form-action 'self'"
 )

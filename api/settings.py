@@ -69,6 +69,17 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _timezone(raw: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    value = raw.strip()
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("expected an IANA time zone such as UTC or Europe/Paris") from None
+    return value
+
+
 def _optional_int(raw: str) -> int | None:
     return _positive_int(raw) if raw.strip() else None
 
@@ -279,6 +290,39 @@ class Settings:
         "",
         _text,
         "Bearer token `/metrics` requires (`Authorization: Bearer ...`); empty: no token.",
+        secret=True,
+    )
+    timezone: str = _setting(
+        "UTC",
+        _timezone,
+        "Time zone of reports and `/api/stats` (IANA name, e.g. `Europe/Paris`): days, hours, "
+        "months and the hour x weekday matrix are local. Unique visitors stay per UTC day.",
+    )
+    # The default is analytics.baseline.DEFAULT_MARGIN (tests/test_analytics_baseline.py
+    # checks they agree; importing it here would load pandas into every command).
+    anomaly_margin: float = _setting(
+        "3.0",
+        _non_negative_float,
+        "How far outside the 30-day baseline band an hour must be to count as an anomaly, in "
+        "band widths (`analytics/baseline.py`; the default is tuned by `bench/anomaly.py`).",
+    )
+    reports_token: str = _setting(
+        "",
+        _text,
+        "Token that opens `/reports` and `/api/stats` (`Authorization: Bearer ...` or "
+        "`?token=...`). With neither it nor the reports user set, those pages answer 401.",
+        secret=True,
+    )
+    reports_user: str = _setting(
+        "",
+        _text,
+        "User name that opens `/reports` and `/api/stats` with HTTP basic auth "
+        "(with `TELEMETRY_REPORTS_PASSWORD`).",
+    )
+    reports_password: str = _setting(
+        "",
+        _text,
+        "Password of `TELEMETRY_REPORTS_USER`.",
         secret=True,
     )
     log_level: str = _setting(

@@ -162,7 +162,9 @@ class DatabaseServers:
             else:
                 tables = TABLES
             connection.execute(sa.text(f"TRUNCATE {', '.join(tables + rollups)} RESTART IDENTITY"))
-            connection.execute(sa.update(RollupWatermark).values(materialized_until=EPOCH))
+            connection.execute(
+                sa.update(RollupWatermark).values(materialized_until=EPOCH, refreshed_at=None)
+            )
         if continuous:
             # Forget what the continuous aggregates materialised from the old rows.
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:

@@ -96,8 +96,9 @@ def test_metrics_token_and_bounded_labels(database_url, make_app):
             ("health", "healthz"),
             ("health", "readyz"),
             ("health", "openapi"),
-            ("reports", "a"),
-            ("reports", "b"),
+            ("stats", "stats"),
+            ("reports", "report_page"),
+            ("report_assets", "report_asset"),
         ]
     }
 

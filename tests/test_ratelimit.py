@@ -9,7 +9,6 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from flask import Blueprint
 from limits.storage import MemoryStorage
 from prometheus_client import REGISTRY
 from services import SHARED_REDIS, RedisSentinel, RedisServer, answers
@@ -104,22 +103,22 @@ def test_preflight_health_and_snippet_are_not_limited(database_url, make_app):
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_report_blueprints_get_the_stricter_shared_limit(database_url, make_app):
-    app = make_app(ratelimit_reports="2/minute", ratelimit_client="100/minute")
-    reports = Blueprint("reports", __name__)
-    reports.add_url_rule("/reports/a", "a", lambda: "a")
-    reports.add_url_rule("/reports/b", "b", lambda: "b")
-    app.extensions["telemetry.ratelimits"].limit_report_blueprint(reports)
-    app.register_blueprint(reports)
+    app = make_app(ratelimit_reports="2/minute", ratelimit_client="100/minute", reports_token="t")
     client = app.test_client()
+    bearer = {"Authorization": "Bearer t"}
     before = counter("telemetry_rate_limited_requests_total", scope="reports")
 
-    statuses = [client.get(path).status_code for path in ("/reports/a", "/reports/b", "/reports/a")]
-    refused = client.get("/reports/b")
+    # A bad month or date is answered without computing a report, and counts all the same.
+    paths = ("/reports?month=bad", "/api/stats?from=bad", "/reports?month=bad")
+    statuses = [client.get(path, headers=bearer).status_code for path in paths]
+    refused = client.get("/api/stats?from=bad", headers=bearer)
+    asset = client.get("/reports/assets/report.js")
 
-    assert statuses == [200, 200, 429]  # one budget for the whole blueprint
+    assert statuses == [400, 400, 429]  # one budget for /reports and /api/stats together
     assert refused.json["error"] == "rate_limited" and "Retry-After" in refused.headers
     assert "script-src 'self'" in refused.headers["Content-Security-Policy"]
     assert counter("telemetry_rate_limited_requests_total", scope="reports") == before + 2
+    assert asset.status_code == 200  # the page's script holds no data and has no limit
 
 
 def test_memory_storage_override_still_matches_limits():
