@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -28,7 +27,7 @@ wsgi_app = "api:create_app()"
 bind = [_settings.bind]
 # gthread: requests in one worker share group commits (api/group_commit.py).
 worker_class = "gthread"
-workers = _settings.workers or multiprocessing.cpu_count()
+workers = _settings.worker_processes
 threads = _settings.threads
 # Acknowledged events are already committed; the grace period lets requests in
 # flight finish their commit before a worker exits.

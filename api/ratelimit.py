@@ -26,6 +26,8 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
+from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded
@@ -134,10 +136,10 @@ def storage_uri(setting: str) -> str:
 class TelemetryLimiter(Limiter):
     """Flask-Limiter, evaluated only where it has limits, with our storage-outage policy.
 
-    Its before-request check resolves decorators, blueprint and default limits
+    Its three request hooks resolve decorators, blueprint and default limits
     on every request, which costs more than the rest of a small /track request;
-    so it only runs for the report blueprints, and /track counts its hits
-    straight on the same storage and strategy (`RateLimits.limit_track`).
+    so they run for the report blueprints only (`init_app`), and /track counts
+    its hits straight on the same storage and strategy (`RateLimits.limit_track`).
     Flask-Limiter's own `swallow_errors` logs a traceback per request and
     cannot refuse, hence the wrapper for storage errors."""
 
@@ -145,11 +147,29 @@ class TelemetryLimiter(Limiter):
         super().__init__(**options)  # type: ignore[arg-type]
         self.outage = outage
 
+    def init_app(self, app: Flask) -> None:
+        super().init_app(app)
+        hooks: tuple[dict[str | None, list[Any]], ...] = (
+            app.before_request_funcs,
+            app.after_request_funcs,
+            app.teardown_request_funcs,
+        )
+        for functions in hooks:
+            ours = [f for f in functions.get(None, []) if self._is_own_hook(f)]
+            functions[None] = [f for f in functions[None] if f not in ours]
+            for blueprint in REPORT_BLUEPRINTS:
+                functions.setdefault(blueprint, []).extend(ours)
+
+    def _is_own_hook(self, function: object) -> bool:
+        # Bound methods of this limiter, or the partial Flask-Limiter binds it into.
+        owner = getattr(function, "__self__", None)
+        if owner is None and isinstance(function, partial):
+            owner = function.args[0] if function.args else None
+        return owner is self
+
     def _check_request_limit(
         self, callable_name: str | None = None, in_middleware: bool = True
     ) -> None:
-        if request.blueprint not in REPORT_BLUEPRINTS:
-            return
         try:
             super()._check_request_limit(callable_name, in_middleware)
         except StorageError as exc:

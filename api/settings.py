@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from db.engine import sqlite_path
+
 PREFIX = "TELEMETRY_"
 
 
@@ -231,7 +233,9 @@ class Settings:
     workers: int | None = _setting(
         "",
         _optional_int,
-        "gunicorn worker processes; empty means one per CPU core.",
+        "gunicorn worker processes; empty means one on SQLite (a single writer process "
+        "keeps its page cache and groups every request into one commit stream) and one per "
+        "CPU core on PostgreSQL.",
     )
     threads: int = _setting("16", _positive_int, "Threads per gunicorn worker (gthread).")
     graceful_timeout: int = _setting(
@@ -330,6 +334,13 @@ class Settings:
         _one_of("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
         "Log level of the service.",
     )
+
+    @property
+    def worker_processes(self) -> int:
+        """TELEMETRY_WORKERS, or its default for this database (see its help)."""
+        if self.workers:
+            return self.workers
+        return 1 if sqlite_path(self.database_url) is not None else os.cpu_count() or 1
 
     def masked(self) -> dict[str, str]:
         """The effective settings as the environment would spell them, secrets hidden."""

@@ -18,6 +18,7 @@ the load generator stopped, committed by the server but never read by wrk.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -34,6 +35,8 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -128,6 +131,17 @@ def start_server(app: str, database_url: str, port: int, args: argparse.Namespac
             time.sleep(0.1)
     process.kill()
     raise SystemExit(f"gunicorn did not start; see {log}")
+
+
+def server_cpu_seconds(process: subprocess.Popen) -> float:
+    """CPU time the gunicorn master and its workers have used so far."""
+    master = psutil.Process(process.pid)
+    total = 0.0
+    for member in (master, *master.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = member.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -245,6 +259,7 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, drive) -> None:
     requests = args.requests if mode == "single" else max(args.requests // batch, 40)
     ceiling_rates, real_rates, ratios, lost, unanswered = [], [], [], 0, 0
     p50s, p99s = [], []
+    cpu: dict[str, list[float]] = {"ceiling": [], "real": []}
     for round_number in range(1, args.rounds + 1):
         results = {}
         for variant in ("ceiling", "real"):
@@ -253,7 +268,9 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, drive) -> None:
             port = free_port()
             server = start_server(app, url, port, args, workdir / f"{variant}.log")
             try:
+                cpu_before = server_cpu_seconds(server)
                 load = drive(port, body, requests, args, workdir)
+                cpu[variant].append((server_cpu_seconds(server) - cpu_before) / requests * 1e6)
             finally:
                 stop_server(server)
             results[variant] = load
@@ -294,6 +311,11 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, drive) -> None:
         print(f"| {label} | {rate:.0f} | {rate * batch:.0f} | {p50:.1f} | {p99:.1f} |")
     per_round = ", ".join(f"{r:.2f}" for r in ratios)
     print(f"\nratio /track : ceiling = {median(ratios):.2f} (per round: {per_round})")
+    ceiling_cpu, real_cpu = median(cpu["ceiling"]), median(cpu["real"])
+    print(
+        f"server CPU per request: ceiling {ceiling_cpu:.0f} us, /track {real_cpu:.0f} us, "
+        f"ratio {ceiling_cpu / real_cpu:.2f} (less disturbed by other load than req/s)"
+    )
     print(
         f"acknowledged events lost: {lost}; stored but unanswered (in flight at stop): {unanswered}"
     )
@@ -313,7 +335,12 @@ def main() -> None:
     parser.add_argument("--mode", choices=["single", "batch", "both"], default="both")
     parser.add_argument("--requests", type=int, default=20_000, help="single-event POSTs per run")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=load_settings(database_url="sqlite:///bench.db").worker_processes,
+        help="gunicorn workers for both servers (default: the service's own on SQLite)",
+    )
     parser.add_argument(
         "--threads", type=int, default=int(os.environ.get("TELEMETRY_THREADS", "16"))
     )
