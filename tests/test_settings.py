@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -136,3 +137,10 @@ def test_telemetry_config_prints_every_setting_with_the_password_masked():
 )
 def test_mask_secret(secret, shown):
     assert mask_secret(secret) == shown
+
+
+def test_sqlite_is_served_by_one_writer_process_unless_told_otherwise():
+    assert load_settings({}).worker_processes == 1
+    postgres = {"TELEMETRY_DATABASE_URL": "postgresql+psycopg://localhost/telemetry"}
+    assert load_settings(postgres).worker_processes == (os.cpu_count() or 1)
+    assert load_settings({"TELEMETRY_WORKERS": "3"}).worker_processes == 3
