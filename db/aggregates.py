@@ -49,22 +49,36 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Bucket(enum.Enum):
-    HOUR = timedelta(hours=1)
-    DAY = timedelta(days=1)
-
-    @property
-    def width(self) -> timedelta:
-        return self.value
+    HOUR = "hour"
+    DAY = "day"
+    MONTH = "month"
 
     def floor(self, ts: datetime) -> datetime:
         """The start of the UTC bucket holding `ts`."""
-        ts = ts.astimezone(UTC)
-        ts = ts.replace(minute=0, second=0, microsecond=0)
-        return ts.replace(hour=0) if self is Bucket.DAY else ts
+        ts = ts.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        if self is Bucket.HOUR:
+            return ts
+        ts = ts.replace(hour=0)
+        return ts if self is Bucket.DAY else ts.replace(day=1)
+
+    def next(self, bucket: datetime) -> datetime:
+        """The start of the bucket after the one starting at `bucket`."""
+        if self is Bucket.HOUR:
+            return bucket + timedelta(hours=1)
+        if self is Bucket.DAY:
+            return bucket + timedelta(days=1)
+        return (bucket + timedelta(days=32)).replace(day=1)
 
     def ceil(self, ts: datetime) -> datetime:
         floor = self.floor(ts)
-        return floor if floor == ts else floor + self.width
+        return floor if floor == ts else self.next(floor)
+
+    @property
+    def refresh_every(self) -> timedelta:
+        """How often the scheduler rematerialises this width. A monthly rollup's
+        window is the whole previous month while late events can still land in
+        it; the live part of its view shows the current month meanwhile."""
+        return timedelta(hours=1) if self is Bucket.MONTH else timedelta(0)
 
 
 # The bucket of a hit's `ts`, per backend, side by side.
@@ -74,16 +88,42 @@ BUCKET_SQL: dict[Backend, dict[Bucket, str]] = {
     Backend.SQLITE: {
         Bucket.HOUR: "substr(ts, 1, 13) || ':00:00.000000'",
         Bucket.DAY: "substr(ts, 1, 10) || ' 00:00:00.000000'",
+        Bucket.MONTH: "substr(ts, 1, 7) || '-01 00:00:00.000000'",
     },
     Backend.POSTGRESQL: {
         Bucket.HOUR: "date_trunc('hour', ts, 'UTC')",
         Bucket.DAY: "date_trunc('day', ts, 'UTC')",
+        Bucket.MONTH: "date_trunc('month', ts, 'UTC')",
     },
     # Continuous aggregates require time_bucket; on timestamptz it buckets in UTC.
     Backend.TIMESCALEDB: {
         Bucket.HOUR: "time_bucket(INTERVAL '1 hour', ts)",
         Bucket.DAY: "time_bucket(INTERVAL '1 day', ts)",
+        Bucket.MONTH: "time_bucket(INTERVAL '1 month', ts)",
     },
+}
+
+
+# The start of the bucket after the bucket starting at `{b}`, per backend.
+_PG_NEXT = "({b} AT TIME ZONE 'UTC' + INTERVAL '1 %s') AT TIME ZONE 'UTC'"
+NEXT_BUCKET_SQL: dict[Backend, dict[Bucket, str]] = {
+    Backend.SQLITE: {
+        bucket: "strftime('%Y-%m-%d %H:%M:%S', {b}, '+1 " + bucket.value + "') || '.000000'"
+        for bucket in Bucket
+    },
+    Backend.POSTGRESQL: {bucket: _PG_NEXT % bucket.value for bucket in Bucket},
+    Backend.TIMESCALEDB: {bucket: _PG_NEXT % bucket.value for bucket in Bucket},
+}
+
+
+# How a rollup view's live part joins raw hits to its series of buckets, per
+# backend. SQLite's planner, once ANALYZE has run, would rather scan all hits
+# (or build an automatic index over them) than probe the ts index bucket by
+# bucket: CROSS JOIN fixes the loop order, INDEXED BY the index.
+LIVE_JOIN: dict[Backend, str] = {
+    Backend.SQLITE: "CROSS JOIN hits INDEXED BY ix_hits_ts",
+    Backend.POSTGRESQL: "JOIN hits",
+    Backend.TIMESCALEDB: "JOIN hits",
 }
 
 
@@ -109,6 +149,8 @@ class Aggregate:
     group_by: tuple[str, ...]  # columns of `hits`
     measures: tuple[Measure, ...]
     help: str
+    # Extra indexes on the rollup table, beyond (bucket) and (site, bucket).
+    indexes: tuple[tuple[str, ...], ...] = ()
 
     @property
     def rollup_table(self) -> str:
@@ -150,6 +192,62 @@ AGGREGATES: tuple[Aggregate, ...] = (
         "One row per visitor per site and day with its hit counts. Unique visitors of any "
         "range are the distinct ip_hash values of its rows with hits > 0 (a row with only "
         "bot hits is not a visitor); top visitors sum `hits` per ip_hash.",
+    ),
+    # Coarser aggregates (migration 0003), so that a dashboard reads a few
+    # thousand rows, not a million, at any traffic: per site, not per path.
+    Aggregate(
+        "site_hourly",
+        Bucket.HOUR,
+        ("site",),
+        (HITS, VISITORS, BOT_HITS),
+        "Hourly traffic per site: time series, hour x weekday, the anomaly baseline.",
+    ),
+    Aggregate(
+        "site_daily",
+        Bucket.DAY,
+        ("site",),
+        (HITS, VISITORS, BOT_HITS),
+        "Daily traffic per site with exact daily unique visitors.",
+    ),
+    Aggregate(
+        "site_monthly",
+        Bucket.MONTH,
+        ("site",),
+        (HITS, VISITORS, BOT_HITS),
+        "Monthly traffic per site with exact monthly unique visitors.",
+    ),
+    Aggregate(
+        "paths_daily",
+        Bucket.DAY,
+        ("site", "path"),
+        (HITS, VISITORS, BOT_HITS),
+        "Daily traffic per site and path: top paths of any range of days.",
+        # Covers the top-paths query: an index-only scan, no table rows read.
+        indexes=(("site", "bucket", "path", "hits"),),
+    ),
+    Aggregate(
+        "referrers_daily",
+        Bucket.DAY,
+        ("site", "referrer"),
+        (HITS, VISITORS, BOT_HITS),
+        "Daily traffic per site and referrer (the full address; NULL: none).",
+    ),
+    Aggregate(
+        "agents_daily",
+        Bucket.DAY,
+        ("site", "browser", "os", "device"),
+        (HITS, VISITORS, BOT_HITS),
+        "Daily traffic per site and browser, operating system and device class.",
+    ),
+    Aggregate(
+        "visitors_monthly",
+        Bucket.MONTH,
+        ("site", "ip_hash"),
+        (HITS, BOT_HITS),
+        "One row per visitor per site and month: monthly uniques and the top visitors "
+        "of a month (ORDER BY hits DESC, ip_hash DESC LIMIT n reads n index entries, no "
+        "grouping needed: a visitor has one row per month).",
+        indexes=(("site", "bucket", "hits", "ip_hash"),),
     ),
 )
 BY_NAME = {a.name: a for a in AGGREGATES}
@@ -209,6 +307,9 @@ def _rollup_table(aggregate: Aggregate) -> sa.Table:
     sa.Index(f"ix_{aggregate.rollup_table}_bucket", table.c.bucket)
     if "site" in aggregate.group_by:
         sa.Index(f"ix_{aggregate.rollup_table}_site_bucket", table.c.site, table.c.bucket)
+    for columns in aggregate.indexes:
+        name = f"ix_{aggregate.rollup_table}_{'_'.join(columns)}"
+        sa.Index(name, *(table.c[c] for c in columns))
     return table
 
 
@@ -226,16 +327,57 @@ class RollupTables:
         connection.execute(
             sa.insert(RollupWatermark).values(name=aggregate.name, materialized_until=EPOCH)
         )
+        RollupTables.create_view(connection, aggregate, backend)
+
+    @staticmethod
+    def create_view(connection: Connection, aggregate: Aggregate, backend: Backend) -> None:
+        """The view `<name>`: rollup rows before the watermark, then raw hits aggregated live.
+
+        The rollup table holds only buckets before the watermark (a refresh
+        writes them and moves the watermark in one transaction), so its part
+        needs no filter; that keeps it a plain table scan, which PostgreSQL can
+        read in index order for an ORDER BY ... LIMIT (the top visitors) instead
+        of sorting all of a month's rows.
+
+        The live part joins raw hits to the series of buckets from the watermark
+        to the newest hit, rather than filtering `ts >= watermark`: a query's
+        range on `bucket` then filters that short series first, so a query of
+        materialised buckets reads no raw hits at all (a monthly rollup's live
+        part is the whole current month, which a filter on a computed bucket
+        expression cannot skip).
+        """
         watermark = (
             f"(SELECT materialized_until FROM rollup_watermarks WHERE name = '{aggregate.name}')"
         )
-        columns = ", ".join(aggregate.columns)
+        first = BUCKET_SQL[backend][aggregate.bucket]  # of `ts`: here the oldest live hit
+        after = NEXT_BUCKET_SQL[backend][aggregate.bucket]
+        series = (
+            f"WITH RECURSIVE series(bucket, bucket_end) AS ("
+            f"SELECT bucket, {after.format(b='bucket')} FROM ("
+            f"SELECT {first} AS bucket FROM (SELECT min(ts) AS ts FROM hits "
+            f"WHERE ts >= {watermark}) AS oldest) AS first_bucket WHERE bucket IS NOT NULL "
+            f"UNION ALL "
+            f"SELECT bucket_end, {after.format(b='bucket_end')} FROM series "
+            f"WHERE bucket_end <= (SELECT max(ts) FROM hits)) "
+            f"SELECT bucket, bucket_end FROM series"
+        )
+        groups = ", ".join(f"hits.{c}" for c in aggregate.group_by)
+        measures = ", ".join(f"{m.sql} AS {m.name}" for m in aggregate.measures)
+        # The series sits in a subquery, not in a WITH of the view: PostgreSQL
+        # flattens only a plain UNION ALL (see above).
         connection.execute(
             text(
                 f"CREATE VIEW {aggregate.name} AS "
-                f"SELECT {columns} FROM {aggregate.rollup_table} WHERE bucket < {watermark} "
+                f"SELECT {', '.join(aggregate.columns)} FROM {aggregate.rollup_table} "
                 f"UNION ALL "
-                f"{aggregate.select_sql(backend, where=f'ts >= {watermark}')}"
+                f"SELECT live.bucket, {groups}, {measures} FROM ({series}) AS live "
+                f"{LIVE_JOIN[backend]} "
+                f"ON hits.ts >= live.bucket AND hits.ts < live.bucket_end "
+                # Always true; it tells PostgreSQL's planner that a bucket holds
+                # few hits, so that it reads the rollup's index in order for an
+                # ORDER BY ... LIMIT rather than sort all of a month's rows.
+                f"AND {first} = live.bucket "
+                f"GROUP BY live.bucket, {groups}"
             )
         )
 
@@ -285,7 +427,17 @@ class ContinuousAggregates:
     POLICY: ClassVar[dict[Bucket, tuple[str, str, str]]] = {
         Bucket.HOUR: ("3 days", "1 hour", "15 minutes"),
         Bucket.DAY: ("4 days", "1 day", "1 hour"),
+        # Two buckets at least (TimescaleDB's rule for a policy window). Untested
+        # here (Apache-only build): with it, raw retention below 62 days would let
+        # the policy rematerialise a month from partly deleted hits.
+        Bucket.MONTH: ("62 days", "1 day", "1 hour"),
     }
+
+    @staticmethod
+    def policy_lookback(aggregate: Aggregate) -> timedelta:
+        """How far back from now the refresh policy's window starts."""
+        days, unit = ContinuousAggregates.POLICY[aggregate.bucket][0].split()
+        return timedelta(**{unit: int(days)})
 
     @staticmethod
     def create(connection: Connection, aggregate: Aggregate, backend: Backend) -> None:
@@ -296,6 +448,11 @@ class ContinuousAggregates:
                 f"{aggregate.select_sql(backend)} WITH NO DATA"
             )
         )
+        for columns in aggregate.indexes:
+            name = f"ix_{aggregate.name}_{'_'.join(columns)}"
+            connection.execute(
+                text(f"CREATE INDEX {name} ON {aggregate.name} ({', '.join(columns)})")
+            )
         start_offset, end_offset, every = ContinuousAggregates.POLICY[aggregate.bucket]
         connection.execute(
             text(
@@ -369,6 +526,17 @@ def create_aggregates(connection: Connection, names: Iterable[str]) -> None:
         builder.create(connection, BY_NAME[name], backend)
 
 
+def recreate_rollup_views(connection: Connection, names: Iterable[str]) -> None:
+    """Rebuild the named rollups' views as `RollupTables.create_view` makes them
+    now (the same rows; a faster shape). Continuous aggregates stay as they are."""
+    if _builder_in_use(connection) is not RollupTables:
+        return
+    backend = backend_of(connection)
+    for name in names:
+        connection.execute(text(f"DROP VIEW {name}"))
+        RollupTables.create_view(connection, BY_NAME[name], backend)
+
+
 def drop_aggregates(connection: Connection, names: Iterable[str]) -> None:
     builder = _builder_in_use(connection)
     for name in reversed(list(names)):
@@ -396,23 +564,40 @@ def refresh(
     now: datetime | None = None,
     raw_hits_from: datetime | None = None,
     names: Sequence[str] | None = None,
+    scheduled: bool = False,
 ) -> list[Refreshed]:
     """Bring the aggregates up to date.
 
-    Without `start`/`end` (the scheduler's call): rematerialise from the old
-    watermark minus the late-event window up to the last complete bucket, and
-    advance the watermark there. With them (imports, erasure): recompute the
-    buckets overlapping [start, end), never past the watermark. `raw_hits_from`
-    is where retention has left raw hits: an explicit range never recomputes
-    buckets before it, since that would replace kept rollups with nothing.
-    (Retention, for its part, never deletes hits a refresh may still need:
-    db/retention.py.)
+    Without `start`/`end` (the scheduler's call): rematerialise from where late
+    events may have landed since the last such refresh (`next_window_start`)
+    up to the last complete bucket, and advance the watermark there. With them
+    (imports, erasure): recompute the buckets overlapping [start, end), never
+    past the watermark. `raw_hits_from` is where retention has left raw hits:
+    an explicit range never recomputes buckets before it, since that would
+    replace kept rollups with nothing. (Retention, for its part, never deletes
+    hits a refresh may still need: db/retention.py.) `scheduled` skips the
+    aggregates refreshed more recently than their bucket's `refresh_every`.
     """
     now = now or datetime.now(UTC)
     aggregates = [BY_NAME[n] for n in names] if names else list(AGGREGATES)
     if mechanism_of(engine) is Mechanism.CONTINUOUS_AGGREGATES:
         return _refresh_continuous(engine, aggregates, start, end, now, raw_hits_from)
-    return [_refresh_rollup(engine, a, start, end, now, raw_hits_from) for a in aggregates]
+    done = []
+    for aggregate in aggregates:
+        refreshed = _refresh_rollup(engine, aggregate, start, end, now, raw_hits_from, scheduled)
+        if refreshed is not None:
+            done.append(refreshed)
+    return done
+
+
+def next_window_start(
+    aggregate: Aggregate, watermark: datetime, refreshed_at: datetime | None
+) -> datetime:
+    """Where the next scheduled refresh of a rollup starts: at the watermark, or
+    earlier where an event accepted since the last refresh may have landed (up
+    to LATE_EVENTS before that refresh)."""
+    late_from = (refreshed_at or watermark) - LATE_EVENTS
+    return aggregate.bucket.floor(max(min(watermark, late_from), EPOCH))
 
 
 def _refresh_rollup(
@@ -422,18 +607,22 @@ def _refresh_rollup(
     end: datetime | None,
     now: datetime,
     raw_hits_from: datetime | None,
-) -> Refreshed:
+    scheduled: bool,
+) -> Refreshed | None:
     backend = backend_of(engine)
     with writers_lock(engine), engine.begin() as connection:
-        watermark = connection.execute(
-            sa.select(RollupWatermark.materialized_until)
+        watermark, refreshed_at = connection.execute(
+            sa.select(RollupWatermark.materialized_until, RollupWatermark.refreshed_at)
             .where(RollupWatermark.name == aggregate.name)
             .with_for_update()
-        ).scalar_one()
+        ).one()
         if start is None and end is None:
+            if scheduled and refreshed_at and now < refreshed_at + aggregate.bucket.refresh_every:
+                return None
             new_watermark = max(watermark, aggregate.bucket.floor(now))
-            window_start = aggregate.bucket.floor(max(watermark, EPOCH + LATE_EVENTS) - LATE_EVENTS)
+            window_start = next_window_start(aggregate, watermark, refreshed_at)
             window_end = new_watermark
+            refreshed_at = now
         else:
             new_watermark = watermark
             window_start = aggregate.bucket.floor(start or EPOCH)
@@ -443,12 +632,11 @@ def _refresh_rollup(
                 window_start = max(window_start, aggregate.bucket.ceil(raw_hits_from))
         if window_start < window_end:
             RollupTables.rematerialise(connection, aggregate, backend, window_start, window_end)
-        if new_watermark != watermark:
-            connection.execute(
-                sa.update(RollupWatermark)
-                .where(RollupWatermark.name == aggregate.name)
-                .values(materialized_until=new_watermark)
-            )
+        connection.execute(
+            sa.update(RollupWatermark)
+            .where(RollupWatermark.name == aggregate.name)
+            .values(materialized_until=new_watermark, refreshed_at=refreshed_at)
+        )
     return Refreshed(aggregate.name, window_start, max(window_start, window_end), new_watermark)
 
 
@@ -481,6 +669,25 @@ def watermarks(engine: Engine) -> dict[str, datetime | None]:
             sa.select(RollupWatermark.name, RollupWatermark.materialized_until)
         )
         return {name: until for name, until in rows}
+
+
+def raw_hits_needed_from(engine: Engine) -> datetime:
+    """The oldest raw hit a scheduled rollup refresh may still read (retention
+    keeps everything from here on)."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.select(
+                RollupWatermark.name,
+                RollupWatermark.materialized_until,
+                RollupWatermark.refreshed_at,
+            )
+        ).all()
+    starts = [
+        next_window_start(BY_NAME[name], watermark, refreshed_at)
+        for name, watermark, refreshed_at in rows
+        if name in BY_NAME
+    ]
+    return min(starts, default=EPOCH)
 
 
 def rollup_lag_seconds(engine: Engine, now: datetime | None = None) -> dict[str, float]:

@@ -84,7 +84,7 @@ def run_maintenance(
         if not acquired:
             return None
         refreshed = aggregates.refresh(
-            engine, now=now, raw_hits_from=policy.retention.raw_cutoff(now)
+            engine, now=now, raw_hits_from=policy.retention.raw_cutoff(now), scheduled=True
         )
         expired = retention.apply_retention(engine, policy.retention, now)
         compressed = apply_compression(engine, policy.compress_after_days) if compression else None

@@ -131,3 +131,6 @@ class RollupWatermark(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     materialized_until: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    # When the last scheduled refresh ran: late events that came in since then
+    # are at most LATE_EVENTS older than this. NULL: never (migration 0003).
+    refreshed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

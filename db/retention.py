@@ -16,12 +16,11 @@ from sqlalchemy import Connection, Engine, text
 
 from db.aggregates import (
     AGGREGATES,
-    EPOCH,
-    LATE_EVENTS,
     Bucket,
+    ContinuousAggregates,
     Mechanism,
     mechanism_of,
-    watermarks,
+    raw_hits_needed_from,
 )
 from db.engine import Backend, backend_of
 from db.hits import writers_lock
@@ -63,7 +62,7 @@ def apply_retention(
     now = now or datetime.now(UTC)
     raw_cutoff = policy.raw_cutoff(now)
     if raw_cutoff is not None:
-        raw_cutoff = min(raw_cutoff, _still_needed_from(engine))
+        raw_cutoff = min(raw_cutoff, _still_needed_from(engine, now))
     result = RetentionResult(raw_cutoff, policy.aggregate_cutoff(now))
     backend = backend_of(engine)
     if result.raw_cutoff is not None:
@@ -78,15 +77,19 @@ def apply_retention(
     return result
 
 
-def _still_needed_from(engine: Engine) -> datetime:
-    """The oldest raw hit a rollup refresh may still read: the next refresh
-    rematerialises from the watermark minus the late-event window, and a rollup
-    never refreshed has materialised nothing yet. (Continuous aggregates: their
-    policies look back less than the shortest retention allowed.)"""
+def _still_needed_from(engine: Engine, now: datetime) -> datetime:
+    """The oldest raw hit an aggregate refresh may still read. Rollups: where
+    the next scheduled refresh of each starts (a monthly one reads its whole
+    current month, and the month before while late events may land in it; a
+    rollup never refreshed has materialised nothing yet). Continuous
+    aggregates: the start of the oldest bucket a refresh policy's window
+    touches, since a refresh recomputes whole buckets from what raw hits are left."""
     if mechanism_of(engine) is Mechanism.CONTINUOUS_AGGREGATES:
-        return datetime.max.replace(tzinfo=UTC)
-    materialised = [until for until in watermarks(engine).values() if until is not None]
-    return Bucket.DAY.floor(min(materialised, default=EPOCH) - LATE_EVENTS - Bucket.DAY.width)
+        policy_starts = (
+            a.bucket.floor(now - ContinuousAggregates.policy_lookback(a)) for a in AGGREGATES
+        )
+        return min(policy_starts)
+    return raw_hits_needed_from(engine)
 
 
 def _delete_before(connection: Connection, model: type[Hit | SeenEvent], cutoff: datetime) -> int:
@@ -120,10 +123,11 @@ def _expire_rollup_rows(engine: Engine, cutoff: datetime) -> dict[str, int]:
     with writers_lock(engine), engine.begin() as connection:
         for aggregate in AGGREGATES:
             rollup = aggregate.rollup_table
+            # Whole buckets only: a month partly after the cut-off stays.
             deleted[aggregate.name] = connection.execute(
                 text(f"DELETE FROM {rollup} WHERE bucket < :cutoff").bindparams(
                     sa.bindparam("cutoff", type_=UTCDateTime())
                 ),
-                {"cutoff": cutoff},
+                {"cutoff": aggregate.bucket.floor(cutoff)},
             ).rowcount
     return deleted

@@ -14,12 +14,22 @@ from click.testing import CliRunner
 
 from api.cli import main
 from db import Backend, HitStore, NewHit, StorageUnavailable, backend_of, make_engine
-from db.aggregates import AGGREGATES, Mechanism, mechanism_of, refresh, watermarks
+from db.aggregates import (
+    AGGREGATES,
+    Bucket,
+    Mechanism,
+    mechanism_of,
+    refresh,
+    relation,
+    watermarks,
+)
 from db.maintenance import MaintenancePolicy, maintenance_lock, run_maintenance
 from db.retention import RetentionPolicy, apply_retention
 from db.timescaledb import license_of
 
-NOW = datetime(2026, 6, 20, 12, 30, tzinfo=UTC)
+# Early in a month, two days after the late-event window of the month before closed.
+NOW = datetime(2026, 7, 5, 12, 30, tzinfo=UTC)
+JUNE, JULY = datetime(2026, 6, 1, tzinfo=UTC), datetime(2026, 7, 1, tzinfo=UTC)
 
 
 def a_hit(ts: datetime, event_id: str | None = None) -> NewHit:
@@ -89,8 +99,8 @@ def test_continuous_aggregates_on_full_license_timescaledb(engine):
                 )
             ).scalars()
         )
-    assert caggs == {"hits_hourly": False, "visitors_daily": False}
-    assert len(policies) == 2
+    assert caggs == {aggregate.name: False for aggregate in AGGREGATES}
+    assert len(policies) == len(AGGREGATES)
 
 
 # -- retention -----------------------------------------------------------------------------
@@ -103,7 +113,7 @@ def test_retention_deletes_old_hits_and_their_idempotency_keys(engine):
 
     result = apply_retention(engine, RetentionPolicy(raw_days=7), NOW)
 
-    cutoff = datetime(2026, 6, 13, tzinfo=UTC)  # midnight, 7 days back
+    cutoff = datetime(2026, 6, 28, tzinfo=UTC)  # midnight, 7 days back
     assert result.raw_cutoff == cutoff
     assert result.hits_deleted + result.chunks_dropped > 0
     with engine.connect() as connection:
@@ -146,10 +156,105 @@ def test_aggregate_retention_deletes_old_aggregate_rows(engine):
     result = apply_retention(engine, RetentionPolicy(aggregate_days=7), NOW)
 
     if mechanism_of(engine) is Mechanism.ROLLUP_TABLES:
-        # 13 June 12:30 is kept: the cut-off is midnight.
-        assert result.aggregate_rows_deleted == {"hits_hourly": 4, "visitors_daily": 4}
+        # 28 June 12:30 is kept: the cut-off is midnight. So is June: part of it is kept.
+        assert result.aggregate_rows_deleted == {
+            a.name: 0 if a.bucket is Bucket.MONTH else 4 for a in AGGREGATES
+        }
         assert count(engine, "visitors_daily") == 8
+        assert count(engine, "visitors_monthly") == 2
     assert count(engine, "hits") == 12
+
+
+def site_monthly_hits(engine: sa.Engine, month: datetime) -> int | None:
+    monthly = relation("site_monthly")
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.select(monthly.c.hits).where(monthly.c.bucket == month)
+        ).scalar_one_or_none()
+
+
+def only_rollups(engine: sa.Engine) -> None:
+    if mechanism_of(engine) is Mechanism.CONTINUOUS_AGGREGATES:
+        pytest.skip("continuous aggregates are scheduled by TimescaleDB's refresh policies")
+
+
+def test_retention_keeps_the_raw_hits_a_monthly_rollup_will_read(engine):
+    only_rollups(engine)
+    # One hit a day, 20 May to 20 June.
+    write(
+        engine,
+        [a_hit(datetime(2026, 5, 20, 12, tzinfo=UTC) + timedelta(days=d)) for d in range(32)],
+    )
+    mid_june = datetime(2026, 6, 20, 12, 30, tzinfo=UTC)
+    refresh(engine, now=mid_june)
+
+    result = apply_retention(engine, RetentionPolicy(raw_days=7), mid_june)
+
+    # June is live in the monthly aggregates: its raw hits stay, May's go.
+    assert result.raw_cutoff == JUNE
+    assert count(engine, "hits") == 20
+    # Materialised once June is over, the month is whole.
+    refresh(engine, now=JULY + timedelta(minutes=30))
+    assert site_monthly_hits(engine, JUNE) == 20
+    # While late events may still land in June, June's raw hits stay; then they go.
+    assert apply_retention(engine, RetentionPolicy(raw_days=7), JULY).raw_cutoff == JUNE
+    after_late_events = JULY + timedelta(hours=49)
+    refresh(engine, now=after_late_events)
+    result = apply_retention(engine, RetentionPolicy(raw_days=7), after_late_events)
+    assert result.raw_cutoff == datetime(2026, 6, 26, tzinfo=UTC)
+    assert count(engine, "hits") == 0
+    assert site_monthly_hits(engine, JUNE) == 20
+    assert site_monthly_hits(engine, datetime(2026, 5, 1, tzinfo=UTC)) == 12
+
+
+def test_a_scheduled_refresh_rematerialises_a_month_at_most_hourly(database_url, engine):
+    only_rollups(engine)
+    policy = MaintenancePolicy()
+
+    def refreshed_by_maintenance(minutes_into_july: int) -> set[str]:
+        run = run_maintenance(engine, policy, JULY + timedelta(minutes=minutes_into_july))
+        assert run is not None
+        return {step.name for step in run.refreshed}
+
+    write(engine, [a_hit(datetime(2026, 6, 30, 20, tzinfo=UTC))])
+    assert "site_monthly" in refreshed_by_maintenance(10)
+    assert site_monthly_hits(engine, JUNE) == 1
+
+    # Late events for 30 June arrive after midnight.
+    write(engine, [a_hit(datetime(2026, 6, 30, 21, tzinfo=UTC))])
+    refreshed = refreshed_by_maintenance(40)
+    assert "site_daily" in refreshed and "site_monthly" not in refreshed
+    assert count(engine, "site_daily WHERE hits = 2") == 1
+    assert site_monthly_hits(engine, JUNE) == 1  # the month waits for its hourly turn
+    assert "site_monthly" in refreshed_by_maintenance(70)
+    assert site_monthly_hits(engine, JUNE) == 2
+
+    # The operator's refresh does not wait.
+    write(engine, [a_hit(datetime(2026, 6, 30, 22, tzinfo=UTC))])
+    assert "site_monthly" not in refreshed_by_maintenance(80)
+    assert "site_monthly: recomputed [2026-06-01" in run_cli(database_url, "rollup", "refresh")
+    assert site_monthly_hits(engine, JUNE) == 3
+
+
+def test_late_events_land_in_a_materialised_month_within_48_hours(engine):
+    only_rollups(engine)
+    write(engine, [a_hit(datetime(2026, 6, 30, 20, tzinfo=UTC))])
+    refresh(engine, now=datetime(2026, 7, 2, 10, tzinfo=UTC), scheduled=True)
+    assert watermarks(engine)["site_monthly"] == JULY
+
+    # Accepted at 11:00 on 2 July, 39 hours after it happened.
+    write(engine, [a_hit(datetime(2026, 6, 30, 20, 30, tzinfo=UTC))])
+    refresh(engine, now=datetime(2026, 7, 2, 11, 30, tzinfo=UTC), scheduled=True)
+    assert site_monthly_hits(engine, JUNE) == 2
+
+    def monthly_window_start(now: datetime) -> datetime | None:
+        steps = refresh(engine, now=now, scheduled=True, names=["site_monthly"])
+        return steps[0].start
+
+    # An event accepted since 11:30 on 2 July may still be in June ...
+    assert monthly_window_start(datetime(2026, 7, 10, tzinfo=UTC)) == JUNE
+    # ... but none accepted since 10 July: June is left alone from then on.
+    assert monthly_window_start(datetime(2026, 7, 10, 2, tzinfo=UTC)) == JULY
 
 
 @pytest.mark.parametrize("database_url", ["timescaledb"], indirect=True)
@@ -164,7 +269,7 @@ def test_retention_drops_whole_chunks_on_timescaledb(engine):
     result = apply_retention(engine, RetentionPolicy(raw_days=7), NOW)
 
     assert result.chunks_dropped == before - chunks() >= 4
-    assert count(engine, "hits") == 15  # from 13 June 00:00 on
+    assert count(engine, "hits") == 15  # from 28 June 00:00 on
 
 
 # -- the scheduler and its lock --------------------------------------------------------------
@@ -220,7 +325,8 @@ def test_db_info_names_backend_version_license_and_mechanism(database_url, engin
     info = {label: value.strip() for label, value in info.items()}
     backend = backend_of(engine)
     assert info["backend"] == str(backend)
-    assert info["aggregates"] == f"{mechanism_of(engine)} (hits_hourly, visitors_daily)"
+    names = ", ".join(a.name for a in AGGREGATES)
+    assert info["aggregates"] == f"{mechanism_of(engine)} ({names})"
     if backend is Backend.SQLITE:
         assert info["server"].startswith("SQLite 3.")
         assert "timescaledb" not in info
@@ -235,8 +341,9 @@ def test_db_info_names_backend_version_license_and_mechanism(database_url, engin
         if info["timescaledb license"] == "apache":
             assert info["compression"] == "unavailable (apache license)"
     if mechanism_of(engine) is Mechanism.ROLLUP_TABLES:
-        assert info["materialized hits_hourly"] == "before 2026-06-20T12:00:00+00:00"
-        assert info["materialized visitors_daily"] == "before 2026-06-20T00:00:00+00:00"
+        assert info["materialized hits_hourly"] == "before 2026-07-05T12:00:00+00:00"
+        assert info["materialized visitors_daily"] == "before 2026-07-05T00:00:00+00:00"
+        assert info["materialized visitors_monthly"] == "before 2026-07-01T00:00:00+00:00"
 
 
 def test_rollup_refresh_command(database_url, engine):
