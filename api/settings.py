@@ -208,7 +208,8 @@ class Settings:
         "0",
         _retention_days,
         "Days raw hits (and their idempotency keys) are kept; 0 keeps them forever, else at "
-        "least 7. Dashboards read the aggregates, which outlive the raw hits.",
+        "least 7. Dashboards read the aggregates, which outlive the raw hits; hits a monthly "
+        "rollup still has to read are kept until it has (README, Retention).",
     )
     aggregate_retention_days: int = _setting(
         "0",
