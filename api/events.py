@@ -6,6 +6,7 @@ path and easy to test exhaustively.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -65,6 +66,10 @@ def _text(value: object, field: str, limit: int) -> str:
     return value
 
 
+# Pages repeat (within a batch, and across requests for the popular ones), and
+# their parsing is most of an event's validation: results are cached. A raising
+# call is not cached, so a bad page costs its parse every time.
+@functools.lru_cache(maxsize=4096)
 def clean_path(raw: str, allowlist: frozenset[str], field: str = "path") -> str:
     """Drop the fragment and every query parameter not on the allow-list."""
     path, _, query = raw.partition("#")[0].partition("?")
@@ -79,6 +84,21 @@ def clean_path(raw: str, allowlist: frozenset[str], field: str = "path") -> str:
                 raise InvalidEvent(field, f"longer than {PATH_MAX} characters once encoded")
             return cleaned
     return path
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_url(url: str) -> tuple[str, str]:
+    """The host and the path (with its query) of a page address (cached: see clean_path)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket: "http://[::1/"
+        raise InvalidEvent("url", "is not a valid address") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidEvent("url", "must be an absolute http(s) address")
+    if len(parts.hostname) > SITE_MAX:
+        raise InvalidEvent("url", f"has a host longer than {SITE_MAX} characters")
+    raw_path = parts.path or "/"
+    return parts.hostname, f"{raw_path}?{parts.query}" if parts.query else raw_path
 
 
 def parse_timestamp(value: object, now: datetime) -> datetime:
@@ -112,19 +132,7 @@ def parse_event(item: object, context: RequestContext) -> Event:
 
     url_host = None
     if (url := item.get("url")) is not None:
-        url = _text(url, "url", PATH_MAX)
-        try:
-            parts = urlsplit(url)
-        except ValueError:  # e.g. an unclosed IPv6 bracket: "http://[::1/"
-            raise InvalidEvent("url", "is not a valid address") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidEvent("url", "must be an absolute http(s) address")
-        url_host = parts.hostname
-        if len(url_host) > SITE_MAX:
-            raise InvalidEvent("url", f"has a host longer than {SITE_MAX} characters")
-        raw_path = parts.path or "/"
-        if parts.query:
-            raw_path = f"{raw_path}?{parts.query}"
+        url_host, raw_path = _split_url(_text(url, "url", PATH_MAX))
     if (path_value := item.get("path")) is not None:
         raw_path = _text(path_value, "path", PATH_MAX)
     elif url is None:
