@@ -9,7 +9,7 @@ database server (PostgreSQL, TimescaleDB), emptied between tests.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +27,7 @@ from api.maintenance import stop_scheduler
 from api.settings import describe, load_settings
 from db import Backend, backend_of, make_engine, migrate
 from db.aggregates import AGGREGATES, EPOCH, ROLLUP_TABLES, Mechanism, mechanism_of
+from db.hits import HitStore, NewHit
 from db.models import Hit, RollupWatermark
 
 
@@ -262,6 +263,23 @@ def app(request: pytest.FixtureRequest, make_app: AppFactory, database_url: str)
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    """An engine on the test's (migrated) database."""
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def write_hits(engine: sa.Engine, hits: Sequence[NewHit]) -> None:
+    """Commit `hits` the way /track does (one HitStore transaction)."""
+    store = HitStore(engine)
+    try:
+        store.write(hits)
+    finally:
+        store.close()
 
 
 @pytest.fixture

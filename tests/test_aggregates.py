@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import write_hits
 
-from db import HitStore, NewHit, make_engine
+from db import NewHit
 from db.aggregates import (
     AGGREGATES,
     Bucket,
@@ -42,20 +42,10 @@ def hit(ts: str | datetime, who: str, path: str = "/", site: str = "a.example", 
     return NewHit(when, site, path, None, visitor(who), agent, None, None, device, bot)
 
 
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
-
-
 def store(engine: sa.Engine, hits: list[NewHit]) -> None:
-    writer = HitStore(engine)
-    try:
-        for start in range(0, len(hits), 500):
-            writer.write(hits[start : start + 500])
-    finally:
-        writer.close()
+    # In groups, as concurrent requests would arrive.
+    for start in range(0, len(hits), 500):
+        write_hits(engine, hits[start : start + 500])
 
 
 # -- the dashboard queries, written once for every backend ---------------------------------

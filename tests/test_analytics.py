@@ -4,17 +4,17 @@ every expected figure is worked out by hand below."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from conftest import write_hits
 
 from analytics.errors import BadRange, UnknownSite
 from analytics.figures import compute
 from api.cli import main
-from db import HitStore, NewHit, make_engine
+from db import NewHit
 from db.aggregates import refresh
 
 SITE = "a.example"
@@ -73,19 +73,8 @@ MONTH = [
 ]
 
 
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
-
-
 def store(engine: sa.Engine, hits: list[NewHit]) -> None:
-    writer = HitStore(engine)
-    try:
-        writer.write(hits)
-    finally:
-        writer.close()
+    write_hits(engine, hits)
     refresh(engine, now=NOW)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,19 +10,12 @@ from click.testing import CliRunner
 
 from api.cli import main
 from api.privacy import address_hashes
-from db import HitStore, NewHit, make_engine
+from db import HitStore, NewHit
 from db.aggregates import AGGREGATES, Mechanism, mechanism_of, refresh
 from tests.conftest import BROWSER_UA
 
 VISITOR = "203.0.113.9"
 OTHER = "198.51.100.20"
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
 
 
 def erase(database_url: str, *args: str, expect_ok: bool = True) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import tracemalloc
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -15,18 +14,11 @@ from click.testing import CliRunner
 
 from api.cli import main
 from bench.traffic import generate
-from db import HitStore, NewHit, make_engine
+from db import HitStore, NewHit
 from db.bulk import load_hits
 from db.export import export_hits
 
 DAY = datetime(2026, 3, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
 
 
 def a_hit(ts: datetime, site: str = "a.example", **fields: object) -> NewHit:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,7 +14,6 @@ from click.testing import CliRunner
 from api.cli import main
 from api.logimport import BATCH_LINES
 from api.privacy import address_hashes, period_bounds
-from db import make_engine
 from db.models import HashSalt, Hit
 from tests.conftest import BROWSER_UA
 
@@ -39,13 +37,6 @@ def clf(
     local = ts + sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5]))
     when = local.strftime("%d/%b/%Y:%H:%M:%S") + f" {offset}"
     return f'{address} - - [{when}] "{request}" {status} 512 "{referrer}" "{agent}"\n'
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
 
 
 def run_import(database_url: str, *args: str, expect_ok: bool = True, **env: str) -> str:

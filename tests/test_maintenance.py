@@ -5,15 +5,15 @@ that cannot take writes answering 503."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from conftest import write_hits
 
 from api.cli import main
-from db import Backend, HitStore, NewHit, StorageUnavailable, backend_of, make_engine
+from db import Backend, HitStore, NewHit, StorageUnavailable, backend_of
 from db.aggregates import (
     AGGREGATES,
     Bucket,
@@ -36,21 +36,6 @@ def a_hit(ts: datetime, event_id: str | None = None) -> NewHit:
     return NewHit(
         ts, "a.example", "/", None, b"v" * 16, "Mozilla/5.0", None, None, "desktop", False, event_id
     )
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
-
-
-def write(engine: sa.Engine, hits: list[NewHit]) -> None:
-    store = HitStore(engine)
-    try:
-        store.write(hits)
-    finally:
-        store.close()
 
 
 def count(engine: sa.Engine, relation: str) -> int:
@@ -108,7 +93,7 @@ def test_continuous_aggregates_on_full_license_timescaledb(engine):
 
 def test_retention_deletes_old_hits_and_their_idempotency_keys(engine):
     days = [NOW - timedelta(days=d, hours=1) for d in range(12)]
-    write(engine, [a_hit(ts, f"event-{n}") for n, ts in enumerate(days)])
+    write_hits(engine, [a_hit(ts, f"event-{n}") for n, ts in enumerate(days)])
     refresh(engine, now=NOW)
 
     result = apply_retention(engine, RetentionPolicy(raw_days=7), NOW)
@@ -126,7 +111,7 @@ def test_retention_deletes_old_hits_and_their_idempotency_keys(engine):
 
 
 def test_retention_keeps_hits_the_rollups_have_not_materialised(engine):
-    write(engine, [a_hit(NOW - timedelta(days=d)) for d in range(12)])
+    write_hits(engine, [a_hit(NOW - timedelta(days=d)) for d in range(12)])
 
     apply_retention(engine, RetentionPolicy(raw_days=7), NOW)  # no refresh yet
 
@@ -139,7 +124,7 @@ def test_retention_keeps_hits_the_rollups_have_not_materialised(engine):
 
 
 def test_refresh_never_recomputes_buckets_before_the_retention_cutoff(engine):
-    write(engine, [a_hit(NOW - timedelta(days=d)) for d in range(12)])
+    write_hits(engine, [a_hit(NOW - timedelta(days=d)) for d in range(12)])
     refresh(engine, now=NOW)
     policy = RetentionPolicy(raw_days=7)
     apply_retention(engine, policy, NOW)
@@ -150,7 +135,7 @@ def test_refresh_never_recomputes_buckets_before_the_retention_cutoff(engine):
 
 
 def test_aggregate_retention_deletes_old_aggregate_rows(engine):
-    write(engine, [a_hit(NOW - timedelta(days=d)) for d in range(12)])
+    write_hits(engine, [a_hit(NOW - timedelta(days=d)) for d in range(12)])
     refresh(engine, now=NOW)
 
     result = apply_retention(engine, RetentionPolicy(aggregate_days=7), NOW)
@@ -181,7 +166,7 @@ def only_rollups(engine: sa.Engine) -> None:
 def test_retention_keeps_the_raw_hits_a_monthly_rollup_will_read(engine):
     only_rollups(engine)
     # One hit a day, 20 May to 20 June.
-    write(
+    write_hits(
         engine,
         [a_hit(datetime(2026, 5, 20, 12, tzinfo=UTC) + timedelta(days=d)) for d in range(32)],
     )
@@ -216,12 +201,12 @@ def test_a_scheduled_refresh_rematerialises_a_month_at_most_hourly(database_url,
         assert run is not None
         return {step.name for step in run.refreshed}
 
-    write(engine, [a_hit(datetime(2026, 6, 30, 20, tzinfo=UTC))])
+    write_hits(engine, [a_hit(datetime(2026, 6, 30, 20, tzinfo=UTC))])
     assert "site_monthly" in refreshed_by_maintenance(10)
     assert site_monthly_hits(engine, JUNE) == 1
 
     # Late events for 30 June arrive after midnight.
-    write(engine, [a_hit(datetime(2026, 6, 30, 21, tzinfo=UTC))])
+    write_hits(engine, [a_hit(datetime(2026, 6, 30, 21, tzinfo=UTC))])
     refreshed = refreshed_by_maintenance(40)
     assert "site_daily" in refreshed and "site_monthly" not in refreshed
     assert count(engine, "site_daily WHERE hits = 2") == 1
@@ -230,7 +215,7 @@ def test_a_scheduled_refresh_rematerialises_a_month_at_most_hourly(database_url,
     assert site_monthly_hits(engine, JUNE) == 2
 
     # The operator's refresh does not wait.
-    write(engine, [a_hit(datetime(2026, 6, 30, 22, tzinfo=UTC))])
+    write_hits(engine, [a_hit(datetime(2026, 6, 30, 22, tzinfo=UTC))])
     assert "site_monthly" not in refreshed_by_maintenance(80)
     assert "site_monthly: recomputed [2026-06-01" in run_cli(database_url, "rollup", "refresh")
     assert site_monthly_hits(engine, JUNE) == 3
@@ -238,12 +223,12 @@ def test_a_scheduled_refresh_rematerialises_a_month_at_most_hourly(database_url,
 
 def test_late_events_land_in_a_materialised_month_within_48_hours(engine):
     only_rollups(engine)
-    write(engine, [a_hit(datetime(2026, 6, 30, 20, tzinfo=UTC))])
+    write_hits(engine, [a_hit(datetime(2026, 6, 30, 20, tzinfo=UTC))])
     refresh(engine, now=datetime(2026, 7, 2, 10, tzinfo=UTC), scheduled=True)
     assert watermarks(engine)["site_monthly"] == JULY
 
     # Accepted at 11:00 on 2 July, 39 hours after it happened.
-    write(engine, [a_hit(datetime(2026, 6, 30, 20, 30, tzinfo=UTC))])
+    write_hits(engine, [a_hit(datetime(2026, 6, 30, 20, 30, tzinfo=UTC))])
     refresh(engine, now=datetime(2026, 7, 2, 11, 30, tzinfo=UTC), scheduled=True)
     assert site_monthly_hits(engine, JUNE) == 2
 
@@ -259,7 +244,9 @@ def test_late_events_land_in_a_materialised_month_within_48_hours(engine):
 
 @pytest.mark.parametrize("database_url", ["timescaledb"], indirect=True)
 def test_retention_drops_whole_chunks_on_timescaledb(engine):
-    write(engine, [a_hit(NOW - timedelta(days=d, hours=h)) for d in range(12) for h in (1, 13)])
+    write_hits(
+        engine, [a_hit(NOW - timedelta(days=d, hours=h)) for d in range(12) for h in (1, 13)]
+    )
 
     def chunks() -> int:
         return count(engine, "timescaledb_information.chunks WHERE hypertable_name = 'hits'")
@@ -284,7 +271,7 @@ def test_only_one_maintenance_run_at_a_time(engine):
 
 
 def test_the_scheduler_refreshes_the_aggregates(make_app, engine):
-    write(engine, [a_hit(datetime.now(UTC) - timedelta(hours=3))])
+    write_hits(engine, [a_hit(datetime.now(UTC) - timedelta(hours=3))])
     if mechanism_of(engine) is Mechanism.CONTINUOUS_AGGREGATES:
         pytest.skip("continuous aggregates are refreshed by TimescaleDB's policies")
     before = watermarks(engine)["hits_hourly"]
@@ -316,7 +303,7 @@ def run_cli(database_url: str, *args: str, **env: str):
 
 
 def test_db_info_names_backend_version_license_and_mechanism(database_url, engine):
-    write(engine, [a_hit(NOW)])
+    write_hits(engine, [a_hit(NOW)])
     refresh(engine, now=NOW)
 
     output = run_cli(database_url, "db", "info")
@@ -347,7 +334,7 @@ def test_db_info_names_backend_version_license_and_mechanism(database_url, engin
 
 
 def test_rollup_refresh_command(database_url, engine):
-    write(engine, [a_hit(datetime.now(UTC) - timedelta(hours=2))])
+    write_hits(engine, [a_hit(datetime.now(UTC) - timedelta(hours=2))])
 
     output = run_cli(database_url, "rollup", "refresh")
     assert "hits_hourly: recomputed" in output
@@ -370,7 +357,7 @@ def test_rollup_refresh_refuses_a_bad_time(database_url):
 
 
 def test_retention_apply_command(database_url, engine):
-    write(engine, [a_hit(datetime.now(UTC) - timedelta(days=d)) for d in (1, 30)])
+    write_hits(engine, [a_hit(datetime.now(UTC) - timedelta(days=d)) for d in (1, 30)])
 
     output = run_cli(database_url, "retention", "apply", TELEMETRY_RETENTION_DAYS="7")
 

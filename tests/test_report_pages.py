@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_hits
 from flask.testing import FlaskClient
 from headless_chromium import HeadlessChromium, assert_not_blank
 from report_data import HOSTILE
@@ -21,7 +22,7 @@ from werkzeug.serving import make_server
 
 from api.cli import main
 from api.headers import REPORT_CSP
-from db import HitStore, NewHit, make_engine
+from db import NewHit, make_engine
 from db.aggregates import refresh
 
 TOKEN = "report-t0ken"
@@ -56,11 +57,7 @@ HITS = [
 
 def store(database_url: str, hits: list[NewHit]) -> None:
     engine = make_engine(database_url)
-    writer = HitStore(engine)
-    try:
-        writer.write(hits)
-    finally:
-        writer.close()
+    write_hits(engine, hits)
     refresh(engine, now=datetime(2026, 11, 20, tzinfo=UTC))
     engine.dispose()
 

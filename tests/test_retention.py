@@ -5,22 +5,13 @@ scheduler and by `telemetry retention apply`, on every backend.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
 from api.cli import main
-from db import HitStore, NewHit, make_engine
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[sa.Engine]:
-    engine = make_engine(database_url)
-    yield engine
-    engine.dispose()
+from db import HitStore, NewHit
 
 
 def count(engine: sa.Engine, relation: str) -> int:
