@@ -179,16 +179,25 @@ class _SqliteWriter:
         re-acquisition can wait a whole switch interval (5 ms) behind request
         threads; executemany makes one such call per row, a multi-row VALUES
         statement one per chunk.
+
+        Binding a parameter that is not exactly str, int, float or bytearray
+        first searches for an adapter, which costs more than the binding
+        itself: so the hash goes as a bytearray (stored as the same BLOB) and
+        is_bot as 0 or 1 (what SQLAlchemy's Boolean stores on SQLite).
         """
         for start in range(0, len(hits), self.ROWS_PER_STATEMENT):
             chunk = hits[start : start + self.ROWS_PER_STATEMENT]
             values: list[object] = []
             last_ts, text_ts = None, ""
+            last_hash, blob = b"", bytearray()
             for h in chunk:
-                if h.ts is not last_ts:  # a batch's events mostly share one timestamp
+                # A request's events share one timestamp and one hash: converted once.
+                if h.ts is not last_ts:
                     last_ts, text_ts = h.ts, _sqlite_ts(h.ts)
-                values.append(text_ts)
-                values.extend(h[1:10])
+                if h.ip_hash is not last_hash:
+                    last_hash, blob = h.ip_hash, bytearray(h.ip_hash)
+                values += (text_ts, h.site, h.path, h.referrer, blob, h.user_agent,
+                           h.browser, h.os, h.device, 1 if h.is_bot else 0)  # fmt: skip
             self._connection.execute(self._insert_sql(len(chunk)), values)
 
     @classmethod
