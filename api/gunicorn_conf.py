@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import tempfile
@@ -53,6 +54,15 @@ def post_fork(server: Any, worker: Any) -> None:
     from api import metrics
 
     metrics.running_under_gunicorn(master_pid=worker.ppid)
+
+
+def post_worker_init(worker: Any) -> None:
+    """Move everything loaded so far (the app, Flask, pandas, plotly: it lives as
+    long as the worker) out of the garbage collector's sight. The events of
+    requests in flight survive young collections, so full collections come
+    often under load, and each one would otherwise walk all of it: 46 % of a
+    worker's time under batch load, measured with py-spy."""
+    gc.freeze()
 
 
 def worker_exit(server: Any, worker: Any) -> None:
