@@ -306,7 +306,7 @@ class Settings:
     # The default is analytics.baseline.DEFAULT_MARGIN (tests/test_analytics_baseline.py
     # checks they agree; importing it here would load pandas into every command).
     anomaly_margin: float = _setting(
-        "3.0",
+        "0.8",
         _non_negative_float,
         "How far outside the 30-day baseline band an hour must be to count as an anomaly, in "
         "band widths (`analytics/baseline.py`; the default is tuned by `bench/anomaly.py`).",

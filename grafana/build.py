@@ -30,7 +30,15 @@ from typing import Any
 
 import yaml
 
-from analytics.baseline import DEFAULT_MARGIN, HIGH_Q, LOW_Q, MIN_MEDIAN, WEEKS
+from analytics.baseline import (
+    DEFAULT_MARGIN,
+    HIGH_Q,
+    LOW_Q,
+    MIN_MEDIAN,
+    MIN_POOL_DAYS,
+    POOL_DAYS,
+    WEEKS,
+)
 
 ROOT = Path(__file__).resolve().parent
 PROVISIONING = ROOT / "provisioning"
@@ -58,7 +66,10 @@ ANOMALY_EVALUATIONS = 3
 
 HOUR = "interval '1 hour'"
 WEEK = "interval '168 hours'"
-HISTORY = f"interval '{WEEKS * 168} hours'"
+DAY = "interval '24 hours'"
+HISTORY = f"interval '{WEEKS * 168} hours'"  # what an hour's median looks back over
+POOL = f"interval '{POOL_DAYS * 24} hours'"
+EVALUATION_DELAY = f"interval '{WEEKS * 168 + MIN_POOL_DAYS * 24} hours'"
 SITE = "site = '$site'"
 
 
@@ -88,35 +99,73 @@ def utc_hour(moment: str) -> str:
 def baseline_sql(sites: str, first_hour: str, last_hour: str, complete_before: str) -> str:
     """The anomaly baseline of analytics/baseline.py in SQL: one row per site and
     UTC hour from `first_hour` to `last_hour` (SQL timestamptz expressions, both
-    hour starts) with `evaluated` (false while the site has no site_hourly row
-    before hour - WEEKS weeks), hits, median, low, high, spread (NULL unless
-    evaluated), direction ('spike', 'drop' or NULL) and score (spreads beyond the
-    band). Only hours ending by `complete_before` can be anomalies. `sites`
-    filters site_hourly."""
+    hour starts) with `evaluated` (false until the site's first site_hourly row
+    is more than WEEKS weeks + MIN_POOL_DAYS days before the hour's UTC day),
+    hits, median, low, high, spread (NULL unless evaluated), direction
+    ('spike', 'drop' or NULL) and score (band widths beyond the band). Only hours
+    ending by `complete_before` can be anomalies. `sites` filters site_hourly.
+
+    `series` reads the rows needed once, as a dense hourly series per site, and
+    takes each hour's WEEKS samples with lag() (a join into site_hourly per hour
+    and week made the planner compare every pair of rows: seconds on a month);
+    `medians` covers the range and the POOL_DAYS days before its first UTC day;
+    `pools` takes the percentiles of the deviations once per UTC day
+    (percentile_cont is no window function)."""
+    medians_from = f"date_trunc('day', {first_hour}, 'UTC') - {POOL}"
+    series_from = f"{medians_from} - {HISTORY}"
+    samples = ", ".join(f"lag(hits, {168 * week}) OVER past" for week in range(1, WEEKS + 1))
     return f"""WITH sites AS (
   SELECT site, min(bucket) AS first_bucket FROM site_hourly WHERE {sites} GROUP BY site
 ),
-hours AS (
-  SELECT site, first_bucket < hour - {HISTORY} AS evaluated, hour
-  FROM sites CROSS JOIN generate_series({first_hour}, {last_hour}, {HOUR}) AS hour
+hourly AS (
+  SELECT site, bucket, hits FROM site_hourly
+  WHERE {sites} AND bucket >= {series_from} AND bucket <= {last_hour}
+),
+series AS (
+  SELECT s.site, s.first_bucket, hour, coalesce(h.hits, 0) AS hits
+  FROM sites s
+  CROSS JOIN generate_series({series_from}, {last_hour}, {HOUR}) AS hour
+  LEFT JOIN hourly h ON h.site = s.site AND h.bucket = hour
+),
+samples AS (
+  SELECT site, first_bucket, hour, hits, ARRAY[{samples}] AS past_weeks
+  FROM series
+  WINDOW past AS (PARTITION BY site ORDER BY hour)
+),
+medians AS (
+  SELECT site, first_bucket, hour, hits,
+    (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY sample) FROM unnest(past_weeks) AS sample)
+      AS median
+  FROM samples WHERE hour >= {medians_from}
+),
+deviations AS (
+  SELECT site, hour, (hits - median) / sqrt(median + 1) AS deviation
+  FROM medians WHERE first_bucket < hour - {HISTORY}
+),
+pools AS (
+  SELECT s.site, day,
+    percentile_cont({LOW_Q}) WITHIN GROUP (ORDER BY d.deviation) AS low_q,
+    percentile_cont({HIGH_Q}) WITHIN GROUP (ORDER BY d.deviation) AS high_q
+  FROM sites s
+  CROSS JOIN generate_series(
+    date_trunc('day', {first_hour}, 'UTC'), {last_hour}, {DAY}) AS day
+  JOIN deviations d ON d.site = s.site AND d.hour >= day - {POOL} AND d.hour < day
+  WHERE s.first_bucket < day - {EVALUATION_DELAY}
+  GROUP BY s.site, day
 ),
 band AS (
-  SELECT h.site, h.hour, h.evaluated, coalesce(min(this_hour.hits), 0) AS hits,
-    percentile_cont(0.5) WITHIN GROUP (ORDER BY coalesce(past.hits, 0)) AS median,
-    percentile_cont({LOW_Q}) WITHIN GROUP (ORDER BY coalesce(past.hits, 0)) AS low,
-    percentile_cont({HIGH_Q}) WITHIN GROUP (ORDER BY coalesce(past.hits, 0)) AS high
-  FROM hours h
-  CROSS JOIN generate_series(1, {WEEKS}) AS week
-  LEFT JOIN site_hourly past ON past.site = h.site AND past.bucket = h.hour - week * {WEEK}
-  LEFT JOIN site_hourly this_hour ON this_hour.site = h.site AND this_hour.bucket = h.hour
-  GROUP BY h.site, h.hour, h.evaluated
+  SELECT m.site, m.hour, p.site IS NOT NULL AS evaluated, m.hits,
+    CASE WHEN p.site IS NOT NULL THEN m.median END AS median,
+    CASE WHEN p.site IS NOT NULL THEN greatest(m.median + p.low_q * sqrt(m.median + 1), 0)
+    END AS low,
+    m.median + p.high_q * sqrt(m.median + 1) AS high
+  FROM medians m
+  LEFT JOIN pools p ON p.site = m.site AND p.day = date_trunc('day', m.hour, 'UTC')
+  WHERE m.hour >= {first_hour}
 ),
 judged AS (
-  SELECT site, hour, evaluated, hits,
-    CASE WHEN evaluated THEN median END AS median,
-    CASE WHEN evaluated THEN low END AS low,
-    CASE WHEN evaluated THEN high END AS high,
-    CASE WHEN evaluated THEN greatest(high - low, sqrt(median + 1)) END AS spread,
+  SELECT site, hour, evaluated, hits, median, low, high,
+    greatest(high - low, sqrt(median + 1)) AS spread,
     evaluated AND median >= {MIN_MEDIAN} AND hour + {HOUR} <= {complete_before} AS judged
   FROM band
 )
@@ -429,9 +478,11 @@ ORDER BY hits DESC LIMIT 20"""
             ),
             timeseries(
                 "Today against the usual range",
-                "Today's hits per UTC hour against the same hour of the week in the previous "
-                f"{WEEKS} weeks: median, and the {LOW_Q:.0%}-{HIGH_Q:.0%} percentile band "
-                "(the band of the Anomalies dashboard and the traffic-anomaly alert).",
+                "Today's hits per UTC hour against their usual range: the median of the same "
+                f"hour of the week in the previous {WEEKS} weeks, and the "
+                f"{LOW_Q:.0%}-{HIGH_Q:.0%} percentile band of the previous {POOL_DAYS} days' "
+                "deviations (the band of the Anomalies dashboard and the traffic-anomaly "
+                "alert).",
                 [sql_target(
                     f"SELECT hour AS time, hits, median, low, high FROM ({today}) AS band "
                     "ORDER BY 1",
@@ -572,13 +623,15 @@ def anomalies() -> dict[str, Any]:
         [
             timeseries(
                 "Hits against the usual range",
-                f"Human hits per UTC hour (blue) against the same hour of the week in the "
-                f"previous {WEEKS} weeks: median (dotted) and {LOW_Q:.0%}-{HIGH_Q:.0%} "
-                "percentile band (green). An hour is an anomaly when it is more than "
-                f"{DEFAULT_MARGIN:g} x spread outside the band, spread being the band's width "
-                "but at least sqrt(median + 1); hours with a median under "
-                f"{MIN_MEDIAN:g} never are. No band before the site has {WEEKS} weeks of "
-                "history.",
+                "Human hits per UTC hour (blue) against their usual range: the median "
+                f"(dotted) of the same hour of the week in the previous {WEEKS} weeks, and a "
+                "band (green) from the median by the "
+                f"{LOW_Q:.0%} and {HIGH_Q:.0%} percentiles of how far every hour of the "
+                f"previous {POOL_DAYS} days was from its own median (in units of "
+                "sqrt(median + 1), learned once a UTC day). An hour is an anomaly when it is "
+                f"more than {DEFAULT_MARGIN:g} x the band's width outside the band; hours "
+                f"with a median under {MIN_MEDIAN:g} never are. No band before the site has "
+                f"{WEEKS} weeks + {MIN_POOL_DAYS} days of history.",
                 [sql_target(
                     f"SELECT hour AS time, hits, median, low, high FROM ({band}) AS band "
                     "ORDER BY 1",
@@ -596,8 +649,8 @@ def anomalies() -> dict[str, Any]:
                  width=6),
             table(
                 "Anomalous hours",
-                "Every anomalous hour in the range, newest first; score is how many spreads "
-                "beyond the band.",
+                "Every anomalous hour in the range, newest first; score is how many band "
+                "widths beyond the band.",
                 f"SELECT hour AS time, direction, hits, round(median::numeric, 1) AS median, "
                 f"round(low::numeric, 1) AS low, round(high::numeric, 1) AS high, "
                 f"round(score::numeric, 2) AS score FROM ({band}) AS band "
@@ -809,9 +862,10 @@ def traffic_anomaly_rule() -> dict[str, Any]:
         '{{ $labels.site }} had {{ printf "%.0f" $values.HITS.Value }} human hits in the '
         'last complete UTC hour; expected {{ printf "%.0f" $values.LOW.Value }} to '
         '{{ printf "%.0f" $values.HIGH.Value }} (the '
-        f"{LOW_Q:.0%}-{HIGH_Q:.0%} percentile range of the same hour in the previous "
-        f'{WEEKS} weeks). Score {{{{ printf "%.1f" $values.SCORE.Value }}}}: spreads '
-        "beyond the range (negative: below it).",
+        f"usual range: the median of the same hour in the previous {WEEKS} weeks, "
+        f"widened by the {LOW_Q:.0%}-{HIGH_Q:.0%} percentiles of the previous {POOL_DAYS} "
+        f'days\' deviations). Score {{{{ printf "%.1f" $values.SCORE.Value }}}}: range '
+        "widths beyond the range (negative: below it).",
         pending=f"{ANOMALY_EVALUATIONS - 1}m",
     )
 

@@ -304,34 +304,39 @@ def hour_of_hits(ts: str, count: int, site: str = "c.example") -> list[NewHit]:
 
 
 def test_baseline_flags_a_spike_and_a_drop(engine):
-    hits = hour_of_hits("2026-09-27 09:00", 1)  # the site's first row: history from here
-    # Mondays 10 h: 10, 12, 8, 10, then 40 on Oct 26.
-    for day, n in [("09-28", 10), ("10-05", 12), ("10-12", 8), ("10-19", 10), ("10-26", 40)]:
+    # The site's first row: history from here; its band starts the first UTC day more
+    # than 35 days later (four weeks for the medians, a week of their deviations): Oct 7.
+    hits = hour_of_hits("2026-09-01 09:00", 1)
+    # Mondays 10 h: 10 a week, 12 on Oct 5, 8 on Oct 12, then 40 on Oct 26.
+    mondays = ["09-07", "09-14", "09-21", "09-28", "10-05", "10-12", "10-19", "10-26"]
+    for day, n in zip(mondays, [10, 10, 10, 10, 12, 8, 10, 40], strict=True):
         hits += hour_of_hits(f"2026-{day} 10:00", n)
-    # Tuesdays 10 h: 20, 22, 18, 20, then 2 on Oct 27.
-    for day, n in [("09-29", 20), ("10-06", 22), ("10-13", 18), ("10-20", 20), ("10-27", 2)]:
+    # Tuesdays 10 h: 20 a week, 22 on Oct 6, 18 on Oct 13, then 2 on Oct 27.
+    tuesdays = ["09-08", "09-15", "09-22", "09-29", "10-06", "10-13", "10-20", "10-27"]
+    for day, n in zip(tuesdays, [20, 20, 20, 20, 22, 18, 20, 2], strict=True):
         hits += hour_of_hits(f"2026-{day} 10:00", n)
     store(engine, hits)
 
     data = compute(engine, "c.example", *OCTOBER, "UTC", margin=1.0, now=NOW)
 
-    # Spike: samples 8, 10, 10, 12: median 10, low 8 + 0.15 * 2 = 8.3, high 10 + 0.85 * 2
-    # = 11.7; spread max(3.4, sqrt(11)) = 3.4; 40 > 11.7 + 3.4; score (40 - 11.7) / 3.4.
-    # Drop: samples 18, 20, 20, 22: median 20, low 18.3, high 21.7; spread max(3.4,
-    # sqrt(21)) = 4.583; 2 < 18.3 - 4.583; score (18.3 - 2) / sqrt(21).
+    # Nearly every hour of the 30-day pools is quiet (median 0, deviation 0), so both
+    # percentiles are 0 and the band is the median itself, spread sqrt(median + 1).
+    # Spike: samples 10, 8, 12, 10: median 10; 40 > 10 + sqrt(11); score 30 / sqrt(11).
+    # Drop: samples 20, 18, 22, 20: median 20; 2 < 20 - sqrt(21); score 18 / sqrt(21).
     assert data["anomalies"] == [
         {"hour": "2026-10-26T10:00:00+00:00", "hits": 40, "median": 10.0,
-         "low": pytest.approx(8.3), "high": pytest.approx(11.7), "direction": "spike",
-         "score": pytest.approx((40 - 11.7) / 3.4)},
+         "low": 10.0, "high": 10.0, "direction": "spike",
+         "score": pytest.approx(30 / 11**0.5)},
         {"hour": "2026-10-27T10:00:00+00:00", "hits": 2, "median": 20.0,
-         "low": pytest.approx(18.3), "high": pytest.approx(21.7), "direction": "drop",
-         "score": pytest.approx((18.3 - 2) / 21**0.5)},
+         "low": 20.0, "high": 20.0, "direction": "drop",
+         "score": pytest.approx(18 / 21**0.5)},
     ]  # fmt: skip
     assert data["summary"]["anomalies"] == 2
     hourly = {h["hour"]: h for h in data["hourly"]}
     assert hourly["2026-10-26T10:00:00+00:00"]["anomaly"] == "spike"
-    # Oct 19: its oldest sample (Sep 21) is before the site's first row: not judged.
-    assert hourly["2026-10-19T10:00:00+00:00"]["median"] is None
+    # Oct 6 is before the band starts: not judged; Oct 7 is.
+    assert hourly["2026-10-06T10:00:00+00:00"]["median"] is None
+    assert hourly["2026-10-07T00:00:00+00:00"]["median"] == 0.0
     # A quiet hour (all four samples 0) is judged, and never an anomaly below MIN_MEDIAN.
     quiet = hourly["2026-10-28T10:00:00+00:00"]
     assert quiet["median"] == 0.0 and quiet["anomaly"] is None

@@ -427,10 +427,17 @@ def test_ingestion_errors_alert_fires_on_refused_events_only(promtool, tmp_path)
 
 # -- the queries on real databases ----------------------------------------------------------
 
-# Three sites, six weeks: enough history for the anomaly band over the last two.
+# Three sites, six weeks: enough history for the anomaly band over the last week.
 SEEDED = TrafficConfig(events=60_000, days=42, end=date(2026, 3, 4), chunk_rows=20_000,
                        paths_per_site=200, visitors=3_000)  # fmt: skip
 SITE = "example.com"
+# The generator's traffic has no anomalies: one spike (from 50 visitors) goes in on top.
+SPIKE_HOUR = datetime(2026, 3, 2, 14, tzinfo=UTC)
+SPIKE = [
+    NewHit(SPIKE_HOUR + timedelta(seconds=i), SITE, "/", None, (i % 50).to_bytes(16, "big"),
+           "injected-spike", "Chrome", "Windows", "desktop", False)
+    for i in range(400)
+]  # fmt: skip
 # The dashboards' range: two weeks ending on the afternoon of the day before the data ends.
 RANGE_TO = SEEDED.end_time - timedelta(hours=9, minutes=30)
 RANGE_FROM = RANGE_TO - timedelta(days=14)
@@ -460,6 +467,8 @@ def seed(
     try:
         migrate.upgrade(url)
         load_hits(engine, Traffic(config).chunks())
+        if config is SEEDED:
+            load_hits(engine, [HitChunk.from_hits(SPIKE)])
         refresh(engine)
         yield Seeded(url, backend, engine)
     finally:
@@ -607,7 +616,8 @@ def site_hourly(db: Seeded, site: str) -> tuple[pd.Series, datetime]:
 def test_the_band_is_analytics_baseline(seeded: Seeded):
     """The Anomalies dashboard's band and anomalous hours are exactly what
     analytics.baseline computes (the report's and /api/stats' definition)."""
-    # A range that starts before the site has four weeks of history: unevaluated hours too.
+    # A range that starts before the site's first band (five weeks after its first hit):
+    # unevaluated hours too.
     start = SEEDED.start_time + timedelta(days=27)
     end = RANGE_TO.replace(minute=0)
     result = run(seeded, panel_sql("Hits against the usual range", "Anomalies"),
@@ -625,6 +635,7 @@ def test_the_band_is_analytics_baseline(seeded: Seeded):
 
     listed = run(seeded, panel_sql("Anomalous hours", "Anomalies"), time_from=start, time_to=end)
     flagged = expected[expected["anomaly"].notna()]
+    assert flagged.loc[SPIKE_HOUR, "anomaly"] == "spike"
     assert sorted(listed.column("time")) == list(flagged.index)
     assert dict(zip(listed.column("time"), listed.column("direction"), strict=True)) == dict(
         flagged["anomaly"]
@@ -687,8 +698,9 @@ def values_of(db: Seeded, uid: str, ref: str, at: datetime) -> dict[str, float]:
     return {dict(labels)["site"]: value for labels, value in evaluate(db, rule, at, ref).items()}
 
 
-# One site, five weeks of seasonal traffic, ending on Thursday 2026-03-05 00:00 UTC.
-ONE_SITE = TrafficConfig(events=100_000, days=36, end=date(2026, 3, 5), sites=(SITE,),
+# One site, five and a half weeks of seasonal traffic, ending on Thursday 2026-03-05 00:00
+# UTC: its band starts on Tuesday 2026-03-03 (analytics.baseline.history_start).
+ONE_SITE = TrafficConfig(events=100_000, days=38, end=date(2026, 3, 5), sites=(SITE,),
                          site_weights=(1.0,), chunk_rows=25_000, paths_per_site=100,
                          visitors=5_000, bot_share=0.05)  # fmt: skip
 # Wednesday noon, the last day: busy and steady from week to week.
