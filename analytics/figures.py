@@ -44,7 +44,7 @@ from sqlalchemy import Connection, Engine
 from analytics import baseline
 from analytics.errors import BadRange, UnknownSite
 from db.aggregates import BUCKET_SQL, Bucket, relation
-from db.engine import backend_of
+from db.engine import Backend, backend_of
 from db.models import UTCDateTime
 
 TOP_VISITORS = 15
@@ -321,13 +321,19 @@ class _Query:
                 sa.func.count(sa.distinct(table.c.ip_hash)), self._sum(self._counted(table))
             ).where(*self._where(table, period.day_start, period.day_end), active)
         ).one()
-        days_table = relation("visitors_daily")
-        visitor_days = self.connection.execute(
-            sa.select(sa.func.count()).where(
-                *self._where(days_table, period.day_start, period.day_end),
-                self._active(days_table),
-            )
-        ).scalar_one()
+        if self.site is not None and not self.include_bots:
+            # A visitor-day is a visitor with hits on a site and UTC day: one
+            # site's human ones are its daily visitors, added up (counting the
+            # month's visitors_daily rows instead takes about a second at 10M hits).
+            visitor_days = sum(daily.values())
+        else:
+            days_table = relation("visitors_daily")
+            visitor_days = self.connection.execute(
+                sa.select(sa.func.count()).where(
+                    *self._where(days_table, period.day_start, period.day_end),
+                    self._active(days_table),
+                )
+            ).scalar_one()
         return {
             "daily": daily,
             "monthly": monthly,
@@ -414,27 +420,26 @@ class _Query:
         of the top paths, in one scan, and only counts come back. Each
         visitor-day's set of paths is a bit mask (path i is bit i), so pairing
         is a GROUP BY in the database and a loop over the few distinct masks
-        here, instead of a self-join, which SQLite runs as a nested loop.
+        here, instead of a self-join, which SQLite runs as a nested loop. The
+        visitors of each path come from the same baskets (see _path_visitors).
         """
         if not paths:
             return _PathViews({}, {}, {})
-        day = BUCKET_SQL[backend_of(self.connection)][Bucket.DAY]
+        backend = backend_of(self.connection)
         conditions = ["ts >= :start", "ts < :end", "path IN :paths"]
         if self.site is not None:
             conditions.append("site = :site")
         if not self.include_bots:
             conditions.append("NOT is_bot")
         cases = " ".join(f"WHEN :path_{i} THEN {1 << i}" for i in range(len(paths)))
-        bits = ", ".join(f"({i}, {1 << i})" for i in range(len(paths)))
+        bit = f"CASE path {cases} END"
         statement = sa.text(
-            f"WITH baskets AS ("
-            f"SELECT ip_hash, sum(DISTINCT CASE path {cases} END) AS mask FROM hits "
-            f"WHERE {' AND '.join(conditions)} GROUP BY site, ip_hash, {day}), "
-            f"bits(bit, value) AS (VALUES {bits}) "
+            f"WITH baskets AS MATERIALIZED ("
+            f"SELECT ip_hash, {_OR_OF_BITS[backend].format(bit)} AS mask FROM hits "
+            f"WHERE {' AND '.join(conditions)} "
+            f"GROUP BY site, ip_hash, {_DAY_KEY[backend]}) "
             f"SELECT 0, mask, count(*) FROM baskets GROUP BY mask "
-            f"UNION ALL "
-            f"SELECT 1, bit, count(DISTINCT ip_hash) FROM baskets JOIN bits "
-            f"ON (mask & value) <> 0 GROUP BY bit"
+            f"UNION ALL {_path_visitors(backend, len(paths))}"
         ).bindparams(
             sa.bindparam("start", type_=UTCDateTime()),
             sa.bindparam("end", type_=UTCDateTime()),
@@ -448,11 +453,12 @@ class _Query:
         days = dict.fromkeys(paths, 0)
         visitors: dict[str, int] = {}
         pairs: dict[tuple[str, str], int] = {}
-        for kind, key, count in self.connection.execute(statement, params):
-            if kind == 1:  # distinct visitors of the path with bit `key`
-                visitors[paths[int(key)]] = int(count)
+        for kind, mask, count in self.connection.execute(statement, params):
+            viewed = [path for i, path in enumerate(paths) if int(mask) >> i & 1]
+            if kind == 1:  # `count` visitors, each counted for every path in `mask`
+                for path in viewed:
+                    visitors[path] = visitors.get(path, 0) + count
                 continue
-            viewed = [path for i, path in enumerate(paths) if int(key) >> i & 1]
             for a_index, a in enumerate(viewed):
                 days[a] += count
                 for b in viewed[a_index + 1 :]:
@@ -460,6 +466,47 @@ class _Query:
                     pair = (a, b) if a < b else (b, a)
                     pairs[pair] = pairs.get(pair, 0) + count
         return _PathViews(days, visitors, pairs)
+
+
+# How path_views ORs the bits of a visitor-day's hits, per backend. PostgreSQL's
+# bit_or is a plain aggregate, which parallel workers compute in parts; a
+# DISTINCT aggregate cannot be split and sorts its input (measured: README,
+# Benchmarks). SQLite has no bit_or, but a sum of distinct single bits is their OR.
+_OR_OF_BITS: dict[Backend, str] = {
+    Backend.SQLITE: "sum(DISTINCT {})",
+    Backend.POSTGRESQL: "bit_or({})",
+    Backend.TIMESCALEDB: "bit_or({})",
+}
+
+
+def _path_visitors(backend: Backend, bits: int) -> str:
+    """Rows (1, mask, visitors) from path_views' baskets: each visitor of a path
+    is counted once in a row whose mask has the path's bit.
+
+    PostgreSQL: one row per visitor mask, the OR of each visitor's baskets (hash
+    aggregates only). SQLite: one row per path, its count(DISTINCT ip_hash); ORing
+    masks there takes a max() per bit, which measured slower at 10M hits.
+    """
+    if backend is Backend.SQLITE:
+        values = ", ".join(f"({1 << i})" for i in range(bits))
+        return (
+            f"SELECT 1, bits.column1, count(DISTINCT ip_hash) FROM baskets "
+            f"JOIN (VALUES {values}) AS bits ON (mask & bits.column1) <> 0 GROUP BY bits.column1"
+        )
+    return (
+        "SELECT 1, mask, count(*) FROM ("
+        "SELECT bit_or(mask) AS mask FROM baskets GROUP BY ip_hash"
+        ") AS visitors GROUP BY mask"
+    )
+
+
+# The UTC day of a hit, only to group by: SQLite's is the date part of the
+# stored text, without the bucket's time suffix that BUCKET_SQL appends.
+_DAY_KEY: dict[Backend, str] = {
+    Backend.SQLITE: "substr(ts, 1, 10)",
+    Backend.POSTGRESQL: BUCKET_SQL[Backend.POSTGRESQL][Bucket.DAY],
+    Backend.TIMESCALEDB: BUCKET_SQL[Backend.TIMESCALEDB][Bucket.DAY],
+}
 
 
 class _PathViews:

@@ -18,6 +18,14 @@ the same headline figures.
 
     .venv/bin/python bench/report.py                         # 10M hits, all backends
     .venv/bin/python bench/report.py --events 1000000 --backends sqlite,postgresql
+    .venv/bin/python bench/report.py --end 2026-12-03 --keep-in /var/tmp/report-bench
+
+Loading 10M hits and refreshing the aggregates takes several minutes per
+backend; with --keep-in DIR the loaded databases are kept (the SQLite file in
+DIR, a database named after the dataset on each server) and a later run with
+the same DIR and dataset measures them again without loading. Give --end too,
+or the dataset changes with the date. Drop the server databases by hand when
+done (the run prints their names) and delete DIR.
 
 Targets at 10M hits: the report in < 10 s on PostgreSQL/TimescaleDB and < 30 s
 on SQLite, peak RSS < 1 GiB. The machine is shared: note its load (uptime).
@@ -33,6 +41,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,12 +53,13 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
 
 from analytics import baseline  # noqa: E402
 from analytics.figures import TOP_PATHS, TOP_VISITORS, compute  # noqa: E402
-from bench.queries import analyze, create_database  # noqa: E402
+from bench.queries import SERVERS, analyze, create_database  # noqa: E402
 from bench.traffic import Traffic, TrafficConfig  # noqa: E402
-from db import aggregates  # noqa: E402
+from db import aggregates, migrate  # noqa: E402
 from db.bulk import load_hits  # noqa: E402
 from db.engine import Backend, make_engine  # noqa: E402
 from db.models import UTCDateTime  # noqa: E402
@@ -251,6 +262,67 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# -- the databases -------------------------------------------------------------------------
+
+
+@dataclass
+class BenchDatabase:
+    """A database to measure on: a throwaway one (bench/queries.py's, dropped
+    after the run), or a kept one (`loaded_marker` set), reused once that
+    marker file exists: it is written after a complete load."""
+
+    name: str
+    url: str
+    drop: Callable[[], None] = lambda: None
+    loaded_marker: Path | None = None
+
+
+def create_throwaway(backend: Backend, workdir: Path) -> BenchDatabase:
+    database = create_database(backend, workdir)
+    return BenchDatabase(database.url, database.url, database.drop)
+
+
+def kept_database(backend: Backend, directory: Path, config: TrafficConfig) -> BenchDatabase:
+    """The database of this dataset on `backend`, kept between runs: created
+    (empty, migrated) unless a complete earlier load is marked in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = (f"telemetry_bench_report_{config.events}_{config.days}_{config.seed}_"
+            f"{config.end_time:%Y%m%d}")  # fmt: skip
+    marker = directory / f"{name}.{backend.value}.loaded"
+    if backend is Backend.SQLITE:
+        path = directory / f"{name}.db"
+        if not marker.exists():
+            path.unlink(missing_ok=True)
+        url = f"sqlite:///{path}"
+    else:
+        variable, default = SERVERS[backend]
+        server = make_url(os.environ.get(variable) or default).set(drivername="postgresql+psycopg")
+        admin = sa.create_engine(server, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+        with admin.connect() as connection:
+            exists = connection.execute(
+                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            ).first()
+            if exists and not marker.exists():  # an interrupted load: start again
+                connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+            if not exists or not marker.exists():
+                connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+        url = server.set(database=name).render_as_string(hide_password=False)
+    # Also on a reused database: migrations added since it was loaded apply.
+    migrate.upgrade(url)
+    return BenchDatabase(name, url, loaded_marker=marker)
+
+
+def load_dataset(engine: sa.Engine, config: TrafficConfig) -> None:
+    began = time.perf_counter()
+    rows = load_hits(engine, Traffic(config).chunks())
+    print(f"  loaded {rows:,} hits in {time.perf_counter() - began:.1f} s", flush=True)
+    began = time.perf_counter()
+    aggregates.refresh(engine, now=config.end_time)
+    print(f"  aggregates refreshed in {time.perf_counter() - began:.1f} s", flush=True)
+    analyze(engine)
+
+
 # -- the run -------------------------------------------------------------------------------
 
 
@@ -268,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the day after the last day of data (default: today, UTC)",
     )
     parser.add_argument("--backends", default="sqlite,postgresql,timescaledb")
+    parser.add_argument(
+        "--keep-in",
+        type=Path,
+        metavar="DIR",
+        help="keep the loaded databases (SQLite file and load markers in DIR) and reuse them",
+    )
     parser.add_argument("--measure", choices=["report", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--site", help=argparse.SUPPRESS)
@@ -290,16 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="telemetry-bench-") as workdir:
         for backend in backends:
             print(f"\n== {backend.value}", flush=True)
-            database = create_database(backend, Path(workdir))
+            if args.keep_in:
+                database = kept_database(backend, args.keep_in, config)
+            else:
+                database = create_throwaway(backend, Path(workdir))
             engine = make_engine(database.url)
             try:
-                began = time.perf_counter()
-                rows = load_hits(engine, Traffic(config).chunks())
-                print(f"  loaded {rows:,} hits in {time.perf_counter() - began:.1f} s", flush=True)
-                began = time.perf_counter()
-                aggregates.refresh(engine, now=config.end_time)
-                print(f"  aggregates refreshed in {time.perf_counter() - began:.1f} s", flush=True)
-                analyze(engine)
+                if database.loaded_marker is None or not database.loaded_marker.exists():
+                    load_dataset(engine, config)
+                    if database.loaded_marker is not None:
+                        database.loaded_marker.write_text(database.url + "\n")
+                        print(f"  kept as {database.name}", flush=True)
+                else:
+                    print(f"  reusing the loaded database {database.name}", flush=True)
                 load = os.getloadavg()[0]
                 report = measure("report", database.url, site, start, end)
                 naive = measure("naive", database.url, site, start, end)
@@ -309,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append((backend, report, naive, load))
             finally:
                 engine.dispose()
-                database.drop()
+                if database.loaded_marker is None:
+                    database.drop()
 
     month_rows = "a month of one site"
     print(f"\n## Results: {config.events:,} hits over {config.days} days, seed {config.seed}; "

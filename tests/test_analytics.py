@@ -12,10 +12,13 @@ from click.testing import CliRunner
 from conftest import write_hits
 
 from analytics.errors import BadRange, UnknownSite
-from analytics.figures import compute
+from analytics.figures import TOP_PAIRS, compute
 from api.cli import main
+from bench.report import headline, run_naive
+from bench.traffic import Traffic, TrafficConfig
 from db import NewHit
 from db.aggregates import refresh
+from db.bulk import load_hits
 
 SITE = "a.example"
 OCTOBER = (date(2026, 10, 1), date(2026, 10, 31))
@@ -263,6 +266,42 @@ def test_all_sites_together(month):
         "2026-10-05": 2,
         "2026-10-06": 2,
     }
+
+
+def test_path_visitors_and_affinity_of_all_sites(month):
+    # Visitor-days are per site: A's view of / on b.example on Oct 5 is a fifth
+    # basket, {/}, beside the four of a.example. A is still one visitor of /.
+    data = compute(month, None, *OCTOBER, "UTC", now=NOW)
+
+    assert data["top_paths"] == [
+        {"path": "/", "hits": 4, "visitors": 2},
+        {"path": "/docs", "hits": 2, "visitors": 2},
+        {"path": "/pricing", "hits": 2, "visitors": 2},
+    ]
+    # / in 4 baskets of 5, /pricing and /docs in 2 each.
+    assert data["affinity"] == [
+        {"a": "/", "b": "/pricing", "visitors": 2, "support": 0.4,
+         "lift": pytest.approx(2 * 5 / (4 * 2))},
+        {"a": "/docs", "b": "/pricing", "visitors": 1, "support": 0.2,
+         "lift": pytest.approx(1 * 5 / (2 * 2))},
+        {"a": "/", "b": "/docs", "visitors": 1, "support": 0.2,
+         "lift": pytest.approx(1 * 5 / (4 * 2))},
+    ]  # fmt: skip
+
+
+def test_figures_match_pandas_over_the_raw_hits_of_a_seeded_month(engine, database_url):
+    """Generated traffic (many paths, visitors and visitor-days): the headline
+    figures, top path visitors and affinity included, equal bench/report.py's
+    naive computation from the month's raw rows in pandas."""
+    config = TrafficConfig(events=30_000, days=45, end=date(2026, 11, 3))
+    load_hits(engine, Traffic(config).chunks())
+    refresh(engine, now=config.end_time)
+    site = config.sites[0]
+
+    data = compute(engine, site, *OCTOBER, "UTC", now=config.end_time)
+
+    assert len(data["affinity"]) == TOP_PAIRS
+    assert headline(data) == run_naive(database_url, site, *OCTOBER)
 
 
 def test_a_month_without_hits_has_every_key_and_no_figures(month):
