@@ -91,6 +91,7 @@ def clean_path(raw: str, allowlist: frozenset[str], field: str = "path") -> str:
 @functools.lru_cache(maxsize=4096)
 def _split_url(url: str) -> tuple[str, str]:
     """The host and the path (with its query) of a page address (cached: see clean_path)."""
+    _text(url, "url", PATH_MAX)
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. an unclosed IPv6 bracket: "http://[::1/"
@@ -109,6 +110,14 @@ def _split_url(url: str) -> tuple[str, str]:
 def clean_user_agent(raw: str) -> str | None:
     """Capped rather than refused: the header is the browser's, not the sender's, choice."""
     return _UNSTORABLE.sub("", raw)[:USER_AGENT_MAX] or None
+
+
+@functools.lru_cache(maxsize=4096)
+def _clean_referrer(raw: str) -> str | None:
+    """The referring page without its query and fragment, which can carry tokens
+    or e-mail addresses of the visitor; where they came from is the page itself.
+    (Cached: referrers repeat as pages do.)"""
+    return _text(raw, "referrer", REFERRER_MAX).partition("#")[0].partition("?")[0] or None
 
 
 def parse_timestamp(value: object, now: datetime) -> datetime:
@@ -141,7 +150,9 @@ def parse_event(item: object, context: RequestContext) -> Event:
 
     url_host = None
     if (url := item.get("url")) is not None:
-        url_host, raw_path = _split_url(_text(url, "url", PATH_MAX))
+        if not isinstance(url, str):  # before the cache, which needs hashable keys
+            raise InvalidEvent("url", "must be a string")
+        url_host, raw_path = _split_url(url)
     if (path_value := item.get("path")) is not None:
         raw_path = _text(path_value, "path", PATH_MAX)
     elif url is None:
@@ -156,12 +167,12 @@ def parse_event(item: object, context: RequestContext) -> Event:
         site = url_host or origin_host or context.default_site
 
     referrer = item.get("referrer")
-    if referrer is not None:
-        referrer = _text(referrer, "referrer", REFERRER_MAX) if referrer != "" else None
-    if referrer is not None:
-        # The referring page's query and fragment can carry tokens or e-mail
-        # addresses of the visitor; where they came from is the page itself.
-        referrer = referrer.partition("#")[0].partition("?")[0] or None
+    if referrer == "":
+        referrer = None
+    elif referrer is not None:
+        if not isinstance(referrer, str):
+            raise InvalidEvent("referrer", "must be a string")
+        referrer = _clean_referrer(referrer)
 
     ts = context.now if (raw_ts := item.get("ts")) is None else parse_timestamp(raw_ts, context.now)
 
