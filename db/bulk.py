@@ -8,7 +8,9 @@ for the same hits (no event ids: a bulk load has no idempotency keys).
 
 Hits travel as columns (`HitChunk`), so that a generator can produce them with
 numpy and the loader can format a whole chunk with a few vectorised calls
-instead of a Python loop per row and field.
+instead of a Python loop per row and field. `format_hits` also takes them as an
+Arrow table whose text columns may be dictionary-encoded (`pa.Table`, what
+`telemetry import` makes): only the distinct values are formatted then.
 
 Loading does not refresh the aggregates; the caller does that afterwards.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC
 from itertools import chain
 from pathlib import Path
@@ -27,6 +29,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from psycopg.copy import QueuedLibpqWriter
 from sqlalchemy import Connection, Engine
 
@@ -85,6 +89,27 @@ class HitChunk:
     def take(self, index: npt.NDArray[np.intp] | slice) -> HitChunk:
         """The rows at `index` (an index array or a slice), as a new chunk."""
         return HitChunk(*(column[index] for column in self.columns()))
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> HitChunk:
+        """The columns of a table of hits (see `arrow_copy_text`)."""
+        micros = table.column("ts").combine_chunks().cast(pa.int64())
+        text = {name: _objects(table.column(name).combine_chunks()) for name in HIT_COLUMNS[1:9]}
+        is_bot = table.column("is_bot").combine_chunks().to_numpy(zero_copy_only=False)
+        return cls(ts=micros.to_numpy().view("datetime64[us]"), is_bot=is_bot, **text)
+
+
+def _objects(column: pa.Array) -> Column:
+    """An Arrow column as an object array of Python values (None for null);
+    a dictionary column converts each distinct value once."""
+    if isinstance(column, pa.DictionaryArray):
+        values = np.empty(len(column.dictionary) + 1, dtype=object)
+        values[:-1] = column.dictionary.to_pylist()  # values[-1]: None, for null codes
+        codes = pc.fill_null(column.indices, len(column.dictionary))
+        return values[codes.to_numpy(zero_copy_only=False)]
+    result = np.empty(len(column), dtype=object)
+    result[:] = column.to_pylist()
+    return result
 
 
 assert tuple(f.name for f in fields(HitChunk)) == HIT_COLUMNS
@@ -154,28 +179,71 @@ def _load_sqlite(path: Path, chunks: Iterable[HitChunk]) -> int:
 
 def _insert_sqlite(connection: sqlite3.Connection, chunk: HitChunk) -> None:
     """Insert `chunk` with multi-row INSERTs, in the caller's transaction."""
+    _insert_sqlite_values(connection, _sqlite_values(chunk), len(chunk))
+
+
+def _sqlite_values(chunk: HitChunk) -> list[Any]:
+    """The parameters of the chunk's rows, one after the other."""
+    return list(chain.from_iterable(zip(*_sqlite_columns(chunk), strict=True)))
+
+
+def _insert_sqlite_values(connection: sqlite3.Connection, values: list[Any], rows: int) -> None:
     width = len(HIT_COLUMNS)
-    rows = len(chunk)
-    values = list(chain.from_iterable(zip(*_sqlite_columns(chunk), strict=True)))
-    for start in range(0, rows, SQLITE_ROWS_PER_STATEMENT):
-        stop = min(start + SQLITE_ROWS_PER_STATEMENT, rows)
+    full = rows - rows % SQLITE_ROWS_PER_STATEMENT
+    for start in range(0, full, SQLITE_ROWS_PER_STATEMENT):
+        stop = start + SQLITE_ROWS_PER_STATEMENT
         connection.execute(_sqlite_insert_sql(stop - start), values[start * width : stop * width])
+    # The rest row by row: a statement of as many rows would be compiled anew
+    # for each chunk (10-15 ms for 2,000 rows), as its size differs each time.
+    rest = values[full * width :]
+    connection.executemany(
+        _sqlite_insert_sql(1), [rest[i : i + width] for i in range(0, len(rest), width)]
+    )
 
 
-def insert_chunk(connection: Connection, chunk: HitChunk) -> None:
+@dataclass(frozen=True)
+class FormattedHits:
+    """Hits already in the form one backend's insert takes: the COPY text on
+    PostgreSQL and TimescaleDB, the parameters of the INSERTs on SQLite. Made
+    by `format_hits` before the write transaction, so that a writer thread
+    spends its time in the database (`telemetry import` formats a batch while
+    the previous one is stored)."""
+
+    rows: int
+    copy_text: memoryview | bytes = b""
+    sqlite_values: list[Any] = field(default_factory=list)
+
+
+def format_hits(engine: Engine, hits: HitChunk | pa.Table) -> FormattedHits:
+    """`hits` (a chunk, or an Arrow table: see `arrow_copy_text`) formatted for
+    `engine`'s backend."""
+    if engine.dialect.name == "sqlite":
+        chunk = hits if isinstance(hits, HitChunk) else HitChunk.from_arrow(hits)
+        return FormattedHits(len(chunk), sqlite_values=_sqlite_values(chunk))
+    if isinstance(hits, HitChunk):
+        return FormattedHits(len(hits), copy_text=copy_text(hits))
+    return FormattedHits(hits.num_rows, copy_text=arrow_copy_text(hits))
+
+
+def insert_chunk(connection: Connection, chunk: HitChunk | FormattedHits) -> None:
     """Insert `chunk` inside the caller's transaction on `connection`, with the
     same fast path as `load_hits` (for writes that must commit together with
     other rows, such as an import's batch and its idempotency key)."""
-    if not len(chunk):
+    sqlite = connection.dialect.name == "sqlite"
+    if isinstance(chunk, HitChunk):
+        if not len(chunk):
+            return
+        chunk = format_hits(connection.engine, chunk)
+    if not chunk.rows:
         return
     driver = connection.connection.driver_connection
-    if connection.dialect.name == "sqlite":
+    if sqlite:
         assert isinstance(driver, sqlite3.Connection)
-        _insert_sqlite(driver, chunk)
+        _insert_sqlite_values(driver, chunk.sqlite_values, chunk.rows)
         return
     cursor = driver.cursor()  # type: ignore[union-attr]
     with cursor.copy(COPY_SQL) as copy:
-        copy.write(copy_text(chunk))
+        copy.write(chunk.copy_text)
 
 
 # --- PostgreSQL and TimescaleDB ----------------------------------------------
@@ -238,6 +306,57 @@ def _copy_group(*columns: Column) -> list[bytes]:
     ]
     result: list[bytes] = texts[key].tolist()
     return result
+
+
+def arrow_copy_text(table: pa.Table) -> memoryview:
+    """`copy_text` of an Arrow table of hits, formatted by Arrow's kernels.
+
+    The table has the `HIT_COLUMNS`: `ts` a timestamp (UTC) or int64 of
+    microseconds, `is_bot` bool, the others string (binary for `ip_hash`),
+    plain or dictionary-encoded. A dictionary column's distinct values are
+    formatted once and spread to the rows with a `take`; each line is put
+    together by one `binary_join_element_wise`, whose result is already the
+    whole COPY text. No Python object is made per row.
+    """
+    rows = table.num_rows
+    if not rows:
+        return memoryview(b"")
+    micros = table.column("ts").combine_chunks().cast(pa.int64()).to_numpy()
+    parts = [_binary_rows(_iso_timestamps(micros.view("datetime64[us]"), suffix=b"+00"))]
+    for name in HIT_COLUMNS[1:9]:
+        parts.append(_copy_texts(table.column(name).combine_chunks()))
+    # The line ends with is_bot: its text carries the newline.
+    is_bot = table.column("is_bot").combine_chunks().cast(pa.int8())
+    parts.append(pa.array([b"f\n", b"t\n"], pa.binary()).take(is_bot))
+    lines = pc.binary_join_element_wise(*parts, b"\t")
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32)[lines.offset :][: rows + 1]
+    return memoryview(lines.buffers()[2])[offsets[0] : offsets[-1]]
+
+
+def _copy_texts(column: pa.Array) -> pa.Array:
+    """The COPY text of each value of a string or binary column (\\N for null)."""
+    if isinstance(column, pa.DictionaryArray):
+        texts = _copy_texts(column.dictionary).take(column.indices)
+        return pc.fill_null(texts, pa.scalar(b"\\N", pa.binary()))
+    if pa.types.is_binary(column.type) or pa.types.is_fixed_size_binary(column.type):
+        values = column.to_pylist()
+        if column.null_count:
+            texts = [None if v is None else _copy_value(v) for v in values]
+            return pa.array(texts, pa.binary()).fill_null(b"\\N")
+        return pa.array(_copy_bytea(np.array(values, dtype=object)), pa.binary())
+    if pc.any(pc.match_substring_regex(column, r"[\\\t\n\r]")).as_py():
+        for special, escaped in (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r")):
+            column = pc.replace_substring(column, special, escaped)
+    return column.cast(pa.binary()).fill_null(b"\\N")
+
+
+def _binary_rows(matrix: npt.NDArray[Any]) -> pa.Array:
+    """A binary Arrow array of fixed-width byte strings (`S<n>`), without copying."""
+    width = matrix.dtype.itemsize
+    offsets = np.arange(0, width * (len(matrix) + 1), width, dtype=np.int32)
+    return pa.Array.from_buffers(
+        pa.binary(), len(matrix), [None, pa.py_buffer(offsets), pa.py_buffer(matrix)]
+    )
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})

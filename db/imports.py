@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from db.bulk import HitChunk, insert_chunk
+from db.bulk import FormattedHits, HitChunk, insert_chunk
 from db.hits import writers_lock
 from db.models import SeenEvent
 
@@ -32,7 +32,9 @@ def stored_batch_keys(engine: Engine, prefix: str) -> set[str]:
         )
 
 
-def store_batch(engine: Engine, key: str, key_ts: datetime, chunk: HitChunk) -> bool:
+def store_batch(
+    engine: Engine, key: str, key_ts: datetime, chunk: HitChunk | FormattedHits
+) -> bool:
     """Store `chunk` and `key` together; False (and nothing stored) when `key`
     is already there, e.g. another import of the same file got there first.
 

@@ -6,13 +6,14 @@ from datetime import UTC, datetime
 from itertools import islice
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from bench.traffic import SMALL, Traffic
 from db import HitStore, NewHit, make_engine
-from db.bulk import HitChunk, copy_text, load_hits
+from db.bulk import HitChunk, arrow_copy_text, copy_text, load_hits
 from db.hits import HIT_COLUMNS, _sqlite_ts
 from db.models import Hit
 
@@ -113,3 +114,35 @@ def test_timestamps_match_the_sqlite_writer() -> None:
     columns = HitChunk.from_hits([AWKWARD[0]._replace(ts=ts) for ts in moments]).ts
     texts = _iso_timestamps(columns, suffix=b"").astype("U26").tolist()
     assert texts == [_sqlite_ts(ts) for ts in moments]
+
+
+def as_arrow(chunk: HitChunk, *, dictionary: bool) -> pa.Table:
+    """The chunk as an Arrow table of hits, text columns plain or dictionary-encoded."""
+    columns = {"ts": pa.array(chunk.ts.astype(np.int64), pa.timestamp("us", tz="UTC"))}
+    for name in HIT_COLUMNS[1:9]:
+        kind = pa.binary() if name == "ip_hash" else pa.string()
+        values = pa.array(getattr(chunk, name).tolist(), kind)
+        columns[name] = values.dictionary_encode() if dictionary else values
+    columns["is_bot"] = pa.array(chunk.is_bot)
+    return pa.table(columns)
+
+
+@pytest.mark.parametrize("dictionary", [False, True])
+def test_arrow_tables_give_the_same_copy_text(generated: list[HitChunk], dictionary: bool) -> None:
+    for chunk in [HitChunk.from_hits(AWKWARD), generated[0].take(slice(0, 2000))]:
+        table = as_arrow(chunk, dictionary=dictionary)
+        assert bytes(arrow_copy_text(table)) == copy_text(chunk)
+        assert HitChunk.from_arrow(table).to_hits() == chunk.to_hits()
+
+
+def test_arrow_dictionaries_may_hold_nulls_and_unused_values() -> None:
+    # As the import makes them: null codes, a null among the values, values no row uses.
+    chunk = HitChunk.from_hits(AWKWARD)
+    table = as_arrow(chunk, dictionary=True)
+    referrers = pa.DictionaryArray.from_arrays(
+        pa.array([2, None, 0], pa.int32()), pa.array(["x\ty", "unused", None])
+    )
+    table = table.set_column(HIT_COLUMNS.index("referrer"), "referrer", referrers)
+    expected = HitChunk(**{**vars(chunk), "referrer": np.array([None, None, "x\ty"], dtype=object)})
+    assert bytes(arrow_copy_text(table)) == copy_text(expected)
+    assert HitChunk.from_arrow(table).to_hits() == expected.to_hits()

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from datetime import UTC, datetime, timedelta
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
 from api.cli import main
-from api.logimport import BATCH_LINES
+from api.logimport import BATCH_LINES, _clf_micros, _LineReader
 from api.privacy import address_hashes, period_bounds
 from db.models import HashSalt, Hit
 from tests.conftest import BROWSER_UA
@@ -275,3 +278,67 @@ def test_lines_older_than_raw_retention_are_left_out(database_url, engine, tmp_p
 def test_import_refuses_a_missing_file(database_url, tmp_path):
     output = run_import(database_url, str(tmp_path / "nope.log"), expect_ok=False)
     assert "does not exist" in output
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_time_before_the_year_1000_is_malformed(database_url, engine, tmp_path):
+    log = tmp_path / "access.log"
+    log.write_text(clf("192.0.2.1", NOW - timedelta(hours=3)).replace(f"/{NOW.year}:", "/0999:"))
+
+    output = run_import(database_url, str(log))
+
+    assert "line 1: bad timestamp" in output
+    assert scalar(engine, "SELECT count(*) FROM hits") == 0
+
+
+def test_clf_times_read_by_numpy_are_strptimes():
+    # The fast reading of `[10/Oct/2000:13:55:36 -0700]` must agree with
+    # Arrow's strptime on every time, including those it leaves to strptime.
+    rng = random.Random(7)
+    months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+    times, zones = [], []
+    for _ in range(20_000):
+        day = rng.choice([rng.randint(1, 28), 0, 29, 30, 31, 32])
+        month = rng.choice([*months, "jan", "Foo"])
+        year = rng.choice([rng.randint(1000, 9999), 1900, 2000, 2024, 2100, 999])
+        hour, minute = rng.choice([rng.randint(0, 23), 24]), rng.choice([rng.randint(0, 59), 60])
+        second = rng.choice([rng.randint(0, 59), 60])
+        zone = rng.choice(["+0000", "-0700", "+0530", "-2359", "+2400", "+0060", "0000", "+0a00"])
+        time = f"[{day:02d}/{month}/{year:04d}:{hour:02d}:{minute:02d}:{second:02d}"
+        if rng.random() < 0.05:
+            time = time.replace("/", "-", 1)
+        times.append(time)
+        zones.append(zone + "]")
+    time_column, zone_column = pa.array(times), pa.array(zones)
+
+    micros, valid = _clf_micros(time_column, zone_column)
+
+    joined = pc.binary_join_element_wise(time_column, zone_column, " ")
+    expected = pc.strptime(joined, format="[%d/%b/%Y:%H:%M:%S %z]", unit="us", error_is_null=True)
+    assert valid.tolist() == expected.is_valid().to_pylist()
+    assert 1000 < valid.sum() < len(times)  # both kinds were tried
+    assert micros[valid].tolist() == expected.drop_null().cast(pa.int64()).to_pylist()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("last_newline", [True, False])
+def test_lines_are_read_in_batches_as_written(tmp_path, compressed, last_newline):
+    # Lines of many lengths, empty ones included.
+    lines = [b"" if n % 13 == 0 else f"line {n} {'x' * (n % 70)}".encode() for n in range(3000)]
+    lines = [line + b"\n" for line in lines]
+    if not last_newline:
+        lines[-1] = lines[-1].rstrip(b"\n") or b"x"
+    data = b"".join(lines)
+    path = tmp_path / "access.log"
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    _LineReader.BLOCK = 1000  # many blocks per batch, and batches ending inside blocks
+    try:
+        with path.open("rb") as raw:
+            reader = _LineReader(raw)
+            assert reader.peek_line() == lines[0]
+            batches = [reader.read(count) for count in (1, 700, 1, 2000, 700, 5)]
+    finally:
+        _LineReader.BLOCK = 1 << 20
+    assert [count for _, count in batches] == [1, 700, 1, 2000, 298, 0]
+    assert b"".join(batch for batch, _ in batches) == data
+    assert batches[3][0] == b"".join(lines[702:2702])
