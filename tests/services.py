@@ -178,7 +178,10 @@ class Gunicorn:
                 pytest.fail(f"gunicorn exited early:\n{self.log.read_text()}")
             try:
                 return self.request("GET", "/readyz")[0] == 200
-            except OSError:
+            except (OSError, http.client.HTTPException):
+                # HTTPException: while nothing listens on the port yet, a connection
+                # whose ephemeral source port happens to equal it connects to itself
+                # (TCP simultaneous open) and reads back its own request.
                 return False
 
         wait_for(ready, "gunicorn answering /readyz", timeout)
