@@ -147,10 +147,12 @@ def sqlite_rows(chunk: HitChunk) -> list[tuple[Any, ...]]:
 
 
 def _sqlite_columns(chunk: HitChunk) -> list[list[Any]]:
-    # The same values `HitStore` binds: the text of `db.hits._sqlite_ts`, and
-    # Python bools, which SQLite stores as 1 and 0.
+    # The same values `HitStore` binds (db/hits.py says why these types): the
+    # text of `db.hits._sqlite_ts`, hashes as bytearrays, is_bot as 0 or 1.
     ts = _iso_timestamps(chunk.ts, suffix=b"").astype("U26")
-    return [ts.tolist(), *(column.tolist() for column in chunk.columns()[1:])]
+    columns = [ts.tolist(), *(column.tolist() for column in chunk.columns()[1:9])]
+    columns[HIT_COLUMNS.index("ip_hash")] = [bytearray(h) for h in chunk.ip_hash.tolist()]
+    return [*columns, chunk.is_bot.astype(np.int64).tolist()]
 
 
 def _load_sqlite(path: Path, chunks: Iterable[HitChunk]) -> int:
@@ -229,15 +231,12 @@ def insert_chunk(connection: Connection, chunk: HitChunk | FormattedHits) -> Non
     """Insert `chunk` inside the caller's transaction on `connection`, with the
     same fast path as `load_hits` (for writes that must commit together with
     other rows, such as an import's batch and its idempotency key)."""
-    sqlite = connection.dialect.name == "sqlite"
     if isinstance(chunk, HitChunk):
-        if not len(chunk):
-            return
         chunk = format_hits(connection.engine, chunk)
     if not chunk.rows:
         return
     driver = connection.connection.driver_connection
-    if sqlite:
+    if connection.dialect.name == "sqlite":
         assert isinstance(driver, sqlite3.Connection)
         _insert_sqlite_values(driver, chunk.sqlite_values, chunk.rows)
         return
