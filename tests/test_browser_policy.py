@@ -48,6 +48,29 @@ def test_only_listed_origins_are_allowed(database_url, make_app):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_repeated_requests_get_the_answer_their_own_origin_calls_for(database_url, make_app):
+    # The CORS headers of each kind of request are worked out once and then
+    # remembered: what one origin was told must never reach another.
+    client = make_app(cors_origins=("https://shop.example", "https://blog.example")).test_client()
+
+    def allowed_origin(origin: str) -> str | None:
+        response = client.post("/track", json={"path": "/"}, headers={"Origin": origin})
+        return response.headers.get("Access-Control-Allow-Origin")
+
+    for _ in range(3):
+        assert allowed_origin("https://shop.example") == "https://shop.example"
+        assert allowed_origin("https://evil.example") is None
+        assert allowed_origin("https://blog.example") == "https://blog.example"
+        # A refusal can be read by the page that sent it, once, not twice over.
+        refused = client.post("/track", json={}, headers={"Origin": "https://blog.example"})
+        assert refused.status_code == 400
+        assert refused.headers.getlist("Access-Control-Allow-Origin") == ["https://blog.example"]
+        preflight = client.options("/track", headers=PREFLIGHT)
+        assert preflight.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+        assert preflight.headers["Access-Control-Max-Age"] == "86400"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("path", ["/track?p=/", "/t.js", "/healthz", "/nowhere", "/metrics"])
 def test_security_headers_on_every_answer(database_url, client, path):
     response = client.get(path)
