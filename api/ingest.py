@@ -16,6 +16,7 @@ from api.privacy import VisitorHasher, normalise_address
 from api.settings import Settings
 from api.useragent import classify
 from db import HitStore, NewHit
+from db.hits import HitBatch
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ class Ingestor:
     """Everything `/track` needs after HTTP parsing, one per process."""
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.query_allowlist = frozenset(settings.query_allowlist)
         self.hasher = VisitorHasher(
             engine, settings.hash_period, timedelta(hours=settings.salt_grace_hours)
         )
@@ -32,8 +34,8 @@ class Ingestor:
             sqlite_synchronous=settings.sqlite_synchronous,
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
         )
-        self.committer: GroupCommitter[NewHit] = GroupCommitter(
-            self.store.write,
+        self.committer: GroupCommitter[HitBatch] = GroupCommitter(
+            self.store.write_batches,
             max_items=settings.commit_max_events,
             delay=settings.commit_delay_ms / 1000,
             on_commit=metrics.observe_commit,
@@ -92,7 +94,7 @@ class Ingestor:
                     event.event_id,
                 )
             )
-        self.committer.commit(hits)
+        self.committer.commit(self.store.prepare(hits))
 
     def close(self) -> None:
         self.store.close()

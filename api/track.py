@@ -10,7 +10,7 @@ from functools import cache
 from importlib.resources import files
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Flask, Request, Response, current_app, g, request
 
 from api import metrics
 from api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
@@ -29,47 +29,45 @@ def _settings() -> Settings:
     return current_app.extensions["telemetry.settings"]
 
 
-def _ingestor() -> Ingestor:
-    return current_app.extensions["telemetry.ingestor"]
+# The view and its helpers take the request and the app as plain objects: each
+# use of flask's `request` and `current_app` proxies looks the object up again,
+# and a /track request would otherwise make some thirty such lookups.
 
 
-def _origin_host() -> str | None:
+def _origin_host(req: Request) -> str | None:
     try:
-        return urlsplit(request.headers.get("Origin", "")).hostname
+        return urlsplit(req.headers.get("Origin", "")).hostname
     except ValueError:  # a malformed header only loses its default site
         return None
 
 
-def _context(settings: Settings) -> RequestContext:
+def _context(req: Request, settings: Settings, ingestor: Ingestor) -> RequestContext:
     return RequestContext(
         now=utcnow(),
-        user_agent=request.headers.get("User-Agent"),
-        origin_host=_origin_host(),
+        user_agent=req.headers.get("User-Agent"),
+        origin_host=_origin_host(req),
         default_site=settings.default_site,
-        query_allowlist=frozenset(settings.query_allowlist),
+        query_allowlist=ingestor.query_allowlist,
     )
 
 
-def _address() -> str:
-    # ProxyFix (installed by the app factory when proxies are trusted) has already
-    # put the right X-Forwarded-For entry here; the raw value goes no further.
-    return request.remote_addr or "0.0.0.0"
-
-
-def _dnt(settings: Settings) -> bool:
-    return settings.respect_dnt and request.headers.get("DNT") == "1"
+def _dnt(req: Request, settings: Settings) -> bool:
+    return settings.respect_dnt and req.headers.get("DNT") == "1"
 
 
 @bp.post("/track")
 def track() -> Response:
-    settings = _settings()
-    if request.mimetype not in ("application/json", "text/plain"):
+    req: Request = request._get_current_object()  # type: ignore[attr-defined]
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    settings: Settings = app.extensions["telemetry.settings"]
+    mimetype = req.mimetype
+    if mimetype not in ("application/json", "text/plain"):
         raise UnsupportedMediaType(
             "send application/json (or text/plain carrying JSON, as sendBeacon does)"
         )
-    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+    if req.content_length is not None and req.content_length > settings.max_body_bytes:
         raise PayloadTooLarge(f"the body is over {settings.max_body_bytes} bytes")
-    body = request.get_data(cache=False)
+    body = req.get_data(cache=False)
     if len(body) > settings.max_body_bytes:
         # A body without Content-Length (chunked) is cut off one byte past the
         # limit (MAX_CONTENT_LENGTH, set by create_app), so it is caught here.
@@ -84,20 +82,24 @@ def track() -> Response:
     g.telemetry_events = len(items)  # for the rejected-events metric (api/errors.py)
     if len(items) > settings.max_batch:
         raise PayloadTooLarge(f"a batch holds at most {settings.max_batch} events")
-    ingestor = _ingestor()
-    context = _context(settings)
+    ingestor: Ingestor = app.extensions["telemetry.ingestor"]
+    context = _context(req, settings, ingestor)
     events = ingestor.validate(items, context)
-    beacon = request.mimetype == "text/plain"
-    if _dnt(settings):
+    beacon = mimetype == "text/plain"
+    if _dnt(req, settings):
         metrics.events_rejected("do_not_track", len(events))
         return Response(status=204) if beacon else _accepted(0)
-    _store(ingestor, events, context.now)
+    _store(req, app, ingestor, events, context.now)
     return Response(status=204) if beacon else _accepted(len(events))
 
 
-def _store(ingestor: Ingestor, events: list[Event], now: datetime) -> None:
-    current_app.extensions["telemetry.ratelimits"].check_sites(events)
-    ingestor.record(events, _address(), now)
+def _store(
+    req: Request, app: Flask, ingestor: Ingestor, events: list[Event], now: datetime
+) -> None:
+    app.extensions["telemetry.ratelimits"].check_sites(events)
+    # ProxyFix (installed by the app factory when proxies are trusted) has already
+    # put the right X-Forwarded-For entry here; the raw value goes no further.
+    ingestor.record(events, req.remote_addr or "0.0.0.0", now)
     metrics.events_accepted(len(events))
 
 
@@ -108,8 +110,10 @@ def _accepted(count: int) -> Response:
 
 @bp.get("/track")
 def pixel() -> Response:
-    settings = _settings()
-    params = request.args
+    req: Request = request._get_current_object()  # type: ignore[attr-defined]
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    settings: Settings = app.extensions["telemetry.settings"]
+    params = req.args
     if "p" not in params:
         raise BadRequest("p (the page path) is required", field="p")
     item: dict[str, object] = {"path": params["p"]}
@@ -117,13 +121,13 @@ def pixel() -> Response:
         item["referrer"] = params["r"]
     if params.get("s"):
         item["site"] = params["s"]
-    ingestor = _ingestor()
-    context = _context(settings)
+    ingestor: Ingestor = app.extensions["telemetry.ingestor"]
+    context = _context(req, settings, ingestor)
     events = ingestor.validate([item], context)
-    if _dnt(settings):
+    if _dnt(req, settings):
         metrics.events_rejected("do_not_track")
     else:
-        _store(ingestor, events, context.now)
+        _store(req, app, ingestor, events, context.now)
     return Response(PIXEL, mimetype="image/gif", headers=NO_CACHE)
 
 
