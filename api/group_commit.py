@@ -13,17 +13,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sized
 from typing import Generic, TypeVar
 
-T = TypeVar("T")
+B = TypeVar("B", bound=Sized)
 
 
-class _Ticket(Generic[T]):
-    __slots__ = ("error", "items", "lead", "wake")
+class _Ticket(Generic[B]):
+    __slots__ = ("batch", "error", "lead", "wake")
 
-    def __init__(self, items: Sequence[T]) -> None:
-        self.items = items
+    def __init__(self, batch: B) -> None:
+        self.batch = batch
         self.error: BaseException | None = None
         self.lead = False
         # A plain lock as a one-shot signal: cheaper than threading.Event.
@@ -31,29 +31,32 @@ class _Ticket(Generic[T]):
         self.wake.acquire()
 
 
-class GroupCommitter(Generic[T]):
+class GroupCommitter(Generic[B]):
+    """Commits batches (anything with a length: the items one request brings)."""
+
     def __init__(
         self,
-        write: Callable[[Sequence[T]], object],
+        write: Callable[[list[B]], object],
         *,
         max_items: int = 2000,
         delay: float = 0.0,
         on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
-        """`write` stores a group in one transaction (all or nothing).
+        """`write` stores a group of batches in one transaction (all or nothing);
+        a group holds at most `max_items` items unless one batch alone has more.
         `on_commit(items, seconds)` is told of every successful commit."""
         self._write = write
         self._max_items = max_items
         self._delay = delay
         self._on_commit = on_commit
         self._lock = threading.Lock()
-        self._queue: deque[_Ticket[T]] = deque()
+        self._queue: deque[_Ticket[B]] = deque()
         self._leading = False
 
-    def commit(self, items: Sequence[T]) -> None:
-        """Block until `items` are committed. Raises the write's error if the
-        transaction holding them failed, in which case none of them is stored."""
-        ticket = _Ticket(items)
+    def commit(self, batch: B) -> None:
+        """Block until `batch` is committed. Raises the write's error if the
+        transaction holding it failed, in which case none of it is stored."""
+        ticket = _Ticket(batch)
         with self._lock:
             self._queue.append(ticket)
             follower = self._leading
@@ -66,7 +69,7 @@ class GroupCommitter(Generic[T]):
                 return
         self._lead(ticket)
 
-    def _lead(self, own: _Ticket[T]) -> None:
+    def _lead(self, own: _Ticket[B]) -> None:
         while True:
             if self._delay:
                 time.sleep(self._delay)
@@ -85,26 +88,27 @@ class GroupCommitter(Generic[T]):
         if own.error is not None:
             raise own.error
 
-    def _take_group(self) -> list[_Ticket[T]]:
-        group: list[_Ticket[T]] = []
+    def _take_group(self) -> list[_Ticket[B]]:
+        group: list[_Ticket[B]] = []
         size = 0
-        while self._queue and (not group or size + len(self._queue[0].items) <= self._max_items):
+        while self._queue and (not group or size + len(self._queue[0].batch) <= self._max_items):
             ticket = self._queue.popleft()
             group.append(ticket)
-            size += len(ticket.items)
+            size += len(ticket.batch)
         return group
 
-    def _commit_group(self, group: list[_Ticket[T]], leader: _Ticket[T]) -> None:
-        items = [item for ticket in group for item in ticket.items]
+    def _commit_group(self, group: list[_Ticket[B]], leader: _Ticket[B]) -> None:
+        batches = [ticket.batch for ticket in group]
         started = time.perf_counter()
         try:
-            self._write(items)
+            self._write(batches)
         except BaseException as exc:  # every waiter must hear of it, whatever it is
             for ticket in group:
                 ticket.error = exc
         else:
             if self._on_commit is not None:
-                self._on_commit(len(items), time.perf_counter() - started)
+                items = sum(len(batch) for batch in batches)
+                self._on_commit(items, time.perf_counter() - started)
         for ticket in group:
             if ticket is not leader:
                 ticket.wake.release()

@@ -110,12 +110,38 @@ class HitStore:
 
     def write(self, hits: Sequence[NewHit]) -> int:
         """Commit `hits` in one transaction; return how many were new (not repeats)."""
-        if not hits:
+        return self.write_batches([self.prepare(hits)])
+
+    def prepare(self, hits: Sequence[NewHit]) -> HitBatch:
+        """`hits` made ready for `write_batches`: the work that needs no database,
+        done by the caller, so that a writer shared by many threads (a group
+        commit) spends its turn on writing alone."""
+        return self._writer.prepare(hits)
+
+    def write_batches(self, batches: Sequence[HitBatch]) -> int:
+        """Commit every batch in one transaction; return how many hits were new."""
+        if not any(batches):
             return 0
-        return self._writer.write(hits)
+        return self._writer.write(batches)
 
     def close(self) -> None:
         self._writer.close()
+
+
+class HitBatch:
+    """Hits as a writer binds them (see HitStore.prepare); false when empty."""
+
+    __slots__ = ("hits", "keyed", "values")
+
+    def __init__(self, hits: Sequence[NewHit], values: list[object] | None = None) -> None:
+        self.hits = hits
+        # Whether any hit carries an event id (stored once however often it comes).
+        self.keyed = any(hit.event_id is not None for hit in hits)
+        # The SQLite writer's parameters, row after row (None elsewhere, or when keyed).
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.hits)
 
 
 class _SqliteWriter:
@@ -128,8 +154,9 @@ class _SqliteWriter:
 
     ROW = f"({', '.join('?' * len(HIT_COLUMNS))})"
     INSERT = f"INSERT INTO hits ({', '.join(HIT_COLUMNS)}) VALUES {ROW}"
-    # SQLite allows 32766 parameters per statement.
-    ROWS_PER_STATEMENT = 1000
+    # SQLite allows 32766 parameters per statement (by default; some builds more):
+    # a whole group commit of TELEMETRY_COMMIT_MAX_EVENTS (2000) fits in one.
+    ROWS_PER_STATEMENT = 3000
     REMEMBER = "INSERT INTO seen_events (event_id, ts) VALUES (?, ?) ON CONFLICT DO NOTHING"
 
     def __init__(self, path: Path, synchronous: str, busy_timeout_ms: int) -> None:
@@ -139,11 +166,17 @@ class _SqliteWriter:
         self._lock_file = open(write_lock_path(path), "ab")  # noqa: SIM115 - lives with the writer
         self._mutex = threading.Lock()
 
-    def write(self, hits: Sequence[NewHit]) -> int:
+    def prepare(self, hits: Sequence[NewHit]) -> HitBatch:
+        batch = HitBatch(hits)
+        if not batch.keyed:  # keyed batches are bound hit by hit, once the new ones are known
+            batch.values = self._values(hits)
+        return batch
+
+    def write(self, batches: Sequence[HitBatch]) -> int:
         with self._mutex:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX)
             try:
-                return self._write_locked(hits)
+                return self._write_locked(batches)
             except sqlite3.Error as exc:
                 if self._connection.in_transaction:
                     self._connection.execute("ROLLBACK")
@@ -153,52 +186,71 @@ class _SqliteWriter:
             finally:
                 fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
-    def _write_locked(self, hits: Sequence[NewHit]) -> int:
+    def _write_locked(self, batches: Sequence[HitBatch]) -> int:
         connection = self._connection
-        if len(hits) <= self.ROWS_PER_STATEMENT and not any(hit.event_id for hit in hits):
-            # One multi-row INSERT outside BEGIN/COMMIT is a transaction of its own
-            # (more rows take several statements, which must share one).
-            self._insert(hits)
-            return len(hits)
+        rows = sum(len(batch) for batch in batches)
+        if not any(batch.keyed for batch in batches):
+            values: list[object] = []
+            for batch in batches:
+                values += batch.values  # type: ignore[arg-type]  # unkeyed: always set
+            if rows <= self.ROWS_PER_STATEMENT:
+                # One multi-row INSERT outside BEGIN/COMMIT is a transaction of its own.
+                self._insert(values, rows)
+                return rows
+            connection.execute("BEGIN IMMEDIATE")
+            self._insert(values, rows)
+            connection.execute("COMMIT")
+            return rows
         connection.execute("BEGIN IMMEDIATE")
         new_hits = []
-        for hit in hits:
-            if hit.event_id is not None:
-                cursor = connection.execute(self.REMEMBER, (hit.event_id, _sqlite_ts(hit.ts)))
-                if cursor.rowcount == 0:
-                    continue  # seen before: acknowledged again, stored once
-            new_hits.append(hit)
-        self._insert(new_hits)
+        for batch in batches:
+            for hit in batch.hits:
+                if hit.event_id is not None:
+                    cursor = connection.execute(self.REMEMBER, (hit.event_id, _sqlite_ts(hit.ts)))
+                    if cursor.rowcount == 0:
+                        continue  # seen before: acknowledged again, stored once
+                new_hits.append(hit)
+        self._insert(self._values(new_hits), len(new_hits))
         connection.execute("COMMIT")
         return len(new_hits)
 
-    def _insert(self, hits: Sequence[NewHit]) -> None:
-        """Insert with as few calls into SQLite as possible.
-
-        Every call releases and re-acquires the GIL, and under load each
-        re-acquisition can wait a whole switch interval (5 ms) behind request
-        threads; executemany makes one such call per row, a multi-row VALUES
-        statement one per chunk.
+    @staticmethod
+    def _values(hits: Sequence[NewHit]) -> list[object]:
+        """The parameters of `hits`, row after row.
 
         Binding a parameter that is not exactly str, int, float or bytearray
         first searches for an adapter, which costs more than the binding
         itself: so the hash goes as a bytearray (stored as the same BLOB) and
         is_bot as 0 or 1 (what SQLAlchemy's Boolean stores on SQLite).
         """
-        for start in range(0, len(hits), self.ROWS_PER_STATEMENT):
-            chunk = hits[start : start + self.ROWS_PER_STATEMENT]
-            values: list[object] = []
-            last_ts, text_ts = None, ""
-            last_hash, blob = b"", bytearray()
-            for h in chunk:
-                # A request's events share one timestamp and one hash: converted once.
-                if h.ts is not last_ts:
-                    last_ts, text_ts = h.ts, _sqlite_ts(h.ts)
-                if h.ip_hash is not last_hash:
-                    last_hash, blob = h.ip_hash, bytearray(h.ip_hash)
-                values += (text_ts, h.site, h.path, h.referrer, blob, h.user_agent,
-                           h.browser, h.os, h.device, 1 if h.is_bot else 0)  # fmt: skip
-            self._connection.execute(self._insert_sql(len(chunk)), values)
+        values: list[object] = []
+        last_ts, text_ts = None, ""
+        last_hash, blob = b"", bytearray()
+        for h in hits:
+            # A request's events share one timestamp and one hash: converted once.
+            if h.ts is not last_ts:
+                last_ts, text_ts = h.ts, _sqlite_ts(h.ts)
+            if h.ip_hash is not last_hash:
+                last_hash, blob = h.ip_hash, bytearray(h.ip_hash)
+            values += (text_ts, h.site, h.path, h.referrer, blob, h.user_agent,
+                       h.browser, h.os, h.device, 1 if h.is_bot else 0)  # fmt: skip
+        return values
+
+    def _insert(self, values: list[object], rows: int) -> None:
+        """Insert `rows` rows of `values` with as few calls into SQLite as possible:
+        every call releases and re-acquires the GIL, and under load each
+        re-acquisition can wait a whole switch interval (5 ms) behind request
+        threads; executemany would make one such call per row, a multi-row
+        VALUES statement makes one per chunk."""
+        width = len(HIT_COLUMNS)
+        for start in range(0, rows, self.ROWS_PER_STATEMENT):
+            chunk = min(self.ROWS_PER_STATEMENT, rows - start)
+            if chunk == rows:
+                self._connection.execute(self._insert_sql(chunk), values)
+            else:
+                self._connection.execute(
+                    self._insert_sql(chunk), values[start * width : (start + chunk) * width]
+                )
 
     @classmethod
     @functools.cache
@@ -221,7 +273,11 @@ class _SqlAlchemyWriter:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def write(self, hits: Sequence[NewHit]) -> int:
+    def prepare(self, hits: Sequence[NewHit]) -> HitBatch:
+        return HitBatch(hits)
+
+    def write(self, batches: Sequence[HitBatch]) -> int:
+        hits = [hit for batch in batches for hit in batch.hits]
         with outages_as_unavailable(), self._engine.begin() as connection:
             new_hits: Sequence[NewHit] = hits
             keyed = {h.event_id: h.ts for h in hits if h.event_id is not None}

@@ -71,7 +71,8 @@ class RecordingWriter:
         self.most_active = 0
         self._lock = threading.Lock()
 
-    def __call__(self, items) -> None:
+    def __call__(self, batches) -> None:
+        items = [item for batch in batches for item in batch]
         with self._lock:
             self.active += 1
             self.most_active = max(self.most_active, self.active)
@@ -134,8 +135,9 @@ def test_failed_group_raises_in_every_waiter_and_the_next_group_commits():
     committed: list[list[str]] = []
     attempted: list[list[str]] = []
 
-    def write(items) -> None:
-        attempted.append(list(items))
+    def write(batches) -> None:
+        items = [item for batch in batches for item in batch]
+        attempted.append(items)
         if "block" in items:
             assert gate.wait(5)
         if "poison" in items:
@@ -175,8 +177,8 @@ def test_failed_group_raises_in_every_waiter_and_the_next_group_commits():
 
 
 def test_leader_hears_of_its_own_failed_commit_and_the_committer_recovers():
-    def write(items) -> None:
-        if "poison" in items:
+    def write(batches) -> None:
+        if ["poison"] in batches:
             raise Boom("no")
 
     committer = GroupCommitter(write)
