@@ -14,8 +14,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from db.engine import sqlite_path
-
 PREFIX = "TELEMETRY_"
 
 
@@ -234,9 +232,9 @@ class Settings:
     workers: int | None = _setting(
         "",
         _optional_int,
-        "gunicorn worker processes; empty means one on SQLite (a single writer process "
-        "keeps its page cache and groups every request into one commit stream) and one per "
-        "CPU core on PostgreSQL.",
+        "gunicorn worker processes; empty means one per CPU core (on SQLite too: one "
+        "process's threads share one interpreter lock, and two workers took 2.2x the "
+        "requests of one on 2 cores; bench/ingest.py).",
     )
     threads: int = _setting("16", _positive_int, "Threads per gunicorn worker (gthread).")
     graceful_timeout: int = _setting(
@@ -338,10 +336,8 @@ class Settings:
 
     @property
     def worker_processes(self) -> int:
-        """TELEMETRY_WORKERS, or its default for this database (see its help)."""
-        if self.workers:
-            return self.workers
-        return 1 if sqlite_path(self.database_url) is not None else os.cpu_count() or 1
+        """TELEMETRY_WORKERS, or its default (see its help)."""
+        return self.workers or os.cpu_count() or 1
 
     def masked(self) -> dict[str, str]:
         """The effective settings as the environment would spell them, secrets hidden."""

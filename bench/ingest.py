@@ -355,8 +355,8 @@ def main() -> None:
     parser.add_argument(
         "--workers",
         type=int,
-        default=load_settings(database_url="sqlite:///bench.db").worker_processes,
-        help="gunicorn workers for both servers (default: the service's own on SQLite)",
+        default=load_settings().worker_processes,
+        help="gunicorn workers for both servers (default: the service's own)",
     )
     parser.add_argument(
         "--threads", type=int, default=int(os.environ.get("TELEMETRY_THREADS", "16"))

@@ -139,8 +139,8 @@ def test_mask_secret(secret, shown):
     assert mask_secret(secret) == shown
 
 
-def test_sqlite_is_served_by_one_writer_process_unless_told_otherwise():
-    assert load_settings({}).worker_processes == 1
+def test_one_worker_per_core_on_every_backend_unless_told_otherwise():
+    assert load_settings({}).worker_processes == (os.cpu_count() or 1)
     postgres = {"TELEMETRY_DATABASE_URL": "postgresql+psycopg://localhost/telemetry"}
     assert load_settings(postgres).worker_processes == (os.cpu_count() or 1)
     assert load_settings({"TELEMETRY_WORKERS": "3"}).worker_processes == 3
