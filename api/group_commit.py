@@ -51,6 +51,7 @@ class GroupCommitter(Generic[B]):
         self._on_commit = on_commit
         self._lock = threading.Lock()
         self._queue: deque[_Ticket[B]] = deque()
+        self._queued_items = 0
         self._leading = False
 
     def commit(self, batch: B) -> None:
@@ -59,6 +60,7 @@ class GroupCommitter(Generic[B]):
         ticket = _Ticket(batch)
         with self._lock:
             self._queue.append(ticket)
+            self._queued_items += len(batch)
             follower = self._leading
             self._leading = True
         if follower:
@@ -71,7 +73,8 @@ class GroupCommitter(Generic[B]):
 
     def _lead(self, own: _Ticket[B]) -> None:
         while True:
-            if self._delay:
+            # Wait for more to join only while a group has room for them.
+            if self._delay and self._queued_items < self._max_items:
                 time.sleep(self._delay)
             with self._lock:
                 group = self._take_group()
@@ -95,6 +98,7 @@ class GroupCommitter(Generic[B]):
             ticket = self._queue.popleft()
             group.append(ticket)
             size += len(ticket.batch)
+        self._queued_items -= size
         return group
 
     def _commit_group(self, group: list[_Ticket[B]], leader: _Ticket[B]) -> None:

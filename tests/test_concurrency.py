@@ -194,3 +194,20 @@ def test_base_exceptions_reach_the_waiters_too():
 
     with pytest.raises(KeyboardInterrupt):
         GroupCommitter(write).commit(["x"])
+
+
+def test_commit_delay_lets_later_requests_join_but_a_full_group_does_not_wait():
+    writer = RecordingWriter()
+    committer = GroupCommitter(writer, max_items=3, delay=0.3)
+
+    first = threading.Thread(target=committer.commit, args=(["a"],))
+    first.start()
+    time.sleep(0.05)  # inside the first request's wait
+    committer.commit(["b"])
+    first.join(5)
+    assert writer.groups == [["a", "b"]]
+
+    started = time.monotonic()
+    committer.commit(["c", "d", "e"])  # the group is full already: written at once
+    assert time.monotonic() - started < 0.25
+    assert writer.groups[-1] == ["c", "d", "e"]
