@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, request
 from flask_cors import CORS
 from flask_cors.core import ACL_ORIGIN
 
 from api.ratelimit import REPORT_BLUEPRINTS
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 from api.settings import Settings
 
 # Nothing this API answers (JSON, a GIF, a script) needs to load anything.
@@ -46,19 +50,17 @@ def init_app(app: Flask, settings: Settings) -> None:
     )
     cors_headers = _memoize_cors(app)
 
-    common = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY"}
+    common = [("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY")]
     if settings.behind_tls:
-        common["Strict-Transport-Security"] = HSTS
-    common["Referrer-Policy"] = "no-referrer"
-    api_headers = (*common.items(), ("Content-Security-Policy", API_CSP))
-    report_headers = (*common.items(), ("Content-Security-Policy", REPORT_CSP))
+        common.append(("Strict-Transport-Security", HSTS))
+    common.append(("Referrer-Policy", "no-referrer"))
+    app.wsgi_app = _SecurityHeaders(app.wsgi_app, common)  # type: ignore[method-assign]
 
     @app.after_request
-    def _browser_headers(response: Response) -> Response:
-        # One hook for both, and extend rather than set: no view sets these, and
-        # set() scans every header for each.
+    def _cors(response: Response) -> Response:
         environ = request.environ
         if ACL_ORIGIN not in response.headers:  # else a view decided CORS itself
+            # extend, not set: set() scans every header for each.
             response.headers.extend(
                 cors_headers(
                     request.path,
@@ -69,9 +71,37 @@ def init_app(app: Flask, settings: Settings) -> None:
                     environ.get("HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK"),
                 )
             )
-        report = request.blueprint in REPORT_BLUEPRINTS
-        response.headers.extend(report_headers if report else api_headers)
         return response
+
+    def _report_csp(response: Response) -> Response:
+        response.headers["Content-Security-Policy"] = REPORT_CSP
+        return response
+
+    for blueprint in REPORT_BLUEPRINTS:
+        app.after_request_funcs.setdefault(blueprint, []).append(_report_csp)
+
+
+class _SecurityHeaders:
+    """WSGI middleware: the headers every answer carries, added as the answer
+    starts. Unlike a Flask hook it also reaches answers to errors no handler
+    caught, and it costs a list extend instead of a checked add per header.
+    Answers without a Content-Security-Policy of their own (the report pages
+    set theirs) get the API's, which lets nothing load."""
+
+    def __init__(self, app: WSGIApplication, common: list[tuple[str, str]]) -> None:
+        self._app = app
+        self._headers = [*common, ("Content-Security-Policy", API_CSP)]
+        self._without_csp = common
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        def start(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Callable[[bytes], object]:
+            has_csp = any(name == "Content-Security-Policy" for name, _ in headers)
+            headers.extend(self._without_csp if has_csp else self._headers)
+            return start_response(status, headers, exc_info)
+
+        return self._app(environ, start)
 
 
 def _memoize_cors(app: Flask) -> Callable[..., tuple[tuple[str, str], ...]]:
