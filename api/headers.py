@@ -58,13 +58,14 @@ def init_app(app: Flask, settings: Settings) -> None:
 
     @app.after_request
     def _cors(response: Response) -> Response:
-        environ = request.environ
         if ACL_ORIGIN not in response.headers:  # else a view decided CORS itself
+            req = request._get_current_object()  # type: ignore[attr-defined]
+            environ = req.environ
             # extend, not set: set() scans every header for each.
             response.headers.extend(
                 cors_headers(
-                    request.path,
-                    request.method,
+                    req.path,
+                    req.method,
                     environ.get("HTTP_ORIGIN"),
                     environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"),
                     environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"),

@@ -30,7 +30,7 @@ from functools import partial
 from operator import attrgetter
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Request, Response, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded
 from limits import RateLimitItem, parse_many
 from limits.errors import StorageError
@@ -177,10 +177,11 @@ class TelemetryLimiter(Limiter):
             self.outage.failed(exc)
 
 
-def client_key() -> str:
-    """The rate-limit key of the requesting client: a keyed hash of its address."""
+def client_key(req: Request | None = None) -> str:
+    """The rate-limit key of the requesting client (`req`, by default the current
+    request): a keyed hash of its address."""
     # ProxyFix has already put the trusted X-Forwarded-For entry here.
-    address = request.remote_addr or "0.0.0.0"
+    address = (req or request).remote_addr or "0.0.0.0"
     try:
         packed = normalise_address(address)
     except ValueError:
@@ -229,8 +230,9 @@ class RateLimits:
 
     def limit_track(self) -> None:
         """Before a /track request: count it against the client's limits."""
-        if request.endpoint in TRACK_ENDPOINTS and request.method != "OPTIONS":
-            self._hit(self.client_limits, "client", client_key(), 1)
+        req: Request = request._get_current_object()  # type: ignore[attr-defined]
+        if req.endpoint in TRACK_ENDPOINTS and req.method != "OPTIONS":
+            self._hit(self.client_limits, "client", client_key(req), 1)
 
     def check_sites(self, events: Sequence[Event]) -> None:
         """Count `events` against their sites' limits; RateLimited if one is over."""
