@@ -134,12 +134,31 @@ def start_server(app: str, database_url: str, port: int, args: argparse.Namespac
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                time.sleep(0.5)  # let every worker finish booting
-                return process
+                if workers_booted(process, args.workers, deadline):
+                    return process
+                break
         except OSError:
             time.sleep(0.1)
     process.kill()
     raise SystemExit(f"gunicorn did not start; see {log}")
+
+
+def workers_booted(process: subprocess.Popen, workers: int, deadline: float) -> bool:
+    """Wait until every worker has loaded the app: until they all exist and the
+    server has stopped using CPU. The master listens before its workers have
+    loaded the app (about a second for /track's, nothing for the no-op), and
+    wrk's keep-alive connections stay with whichever worker accepted them:
+    load sent earlier lands on the first worker ready and leaves the other idle."""
+    master = psutil.Process(process.pid)
+    previous = None
+    while time.monotonic() < deadline:
+        if len(master.children()) == workers:
+            used = server_cpu_seconds(process)
+            if previous is not None and used - previous < 0.02:
+                return True
+            previous = used
+        time.sleep(0.25)
+    return False
 
 
 def server_cpu_seconds(process: subprocess.Popen) -> float:
