@@ -154,9 +154,6 @@ class _SqliteWriter:
 
     ROW = f"({', '.join('?' * len(HIT_COLUMNS))})"
     INSERT = f"INSERT INTO hits ({', '.join(HIT_COLUMNS)}) VALUES {ROW}"
-    # SQLite allows 32766 parameters per statement (by default; some builds more):
-    # a whole group commit of TELEMETRY_COMMIT_MAX_EVENTS (2000) fits in one.
-    ROWS_PER_STATEMENT = 3000
     REMEMBER = "INSERT INTO seen_events (event_id, ts) VALUES (?, ?) ON CONFLICT DO NOTHING"
 
     def __init__(self, path: Path, synchronous: str, busy_timeout_ms: int) -> None:
@@ -188,19 +185,19 @@ class _SqliteWriter:
 
     def _write_locked(self, batches: Sequence[HitBatch]) -> int:
         connection = self._connection
-        rows = sum(len(batch) for batch in batches)
         if not any(batch.keyed for batch in batches):
             values: list[object] = []
             for batch in batches:
                 values += batch.values  # type: ignore[arg-type]  # unkeyed: always set
-            if rows <= self.ROWS_PER_STATEMENT:
-                # One multi-row INSERT outside BEGIN/COMMIT is a transaction of its own.
-                self._insert(values, rows)
-                return rows
+            chunks = _statement_rows(sum(len(batch) for batch in batches))
+            if len(chunks) == 1:
+                # One INSERT outside BEGIN/COMMIT is a transaction of its own.
+                self._insert(values, chunks)
+                return chunks[0]
             connection.execute("BEGIN IMMEDIATE")
-            self._insert(values, rows)
+            self._insert(values, chunks)
             connection.execute("COMMIT")
-            return rows
+            return sum(chunks)
         connection.execute("BEGIN IMMEDIATE")
         new_hits = []
         for batch in batches:
@@ -210,7 +207,7 @@ class _SqliteWriter:
                     if cursor.rowcount == 0:
                         continue  # seen before: acknowledged again, stored once
                 new_hits.append(hit)
-        self._insert(self._values(new_hits), len(new_hits))
+        self._insert(self._values(new_hits), _statement_rows(len(new_hits)))
         connection.execute("COMMIT")
         return len(new_hits)
 
@@ -236,21 +233,22 @@ class _SqliteWriter:
                        h.browser, h.os, h.device, 1 if h.is_bot else 0)  # fmt: skip
         return values
 
-    def _insert(self, values: list[object], rows: int) -> None:
-        """Insert `rows` rows of `values` with as few calls into SQLite as possible:
-        every call releases and re-acquires the GIL, and under load each
-        re-acquisition can wait a whole switch interval (5 ms) behind request
-        threads; executemany would make one such call per row, a multi-row
-        VALUES statement makes one per chunk."""
+    def _insert(self, values: list[object], chunks: Sequence[int]) -> None:
+        """Insert `values`, row after row, in statements of `chunks` rows each
+        (see _statement_rows): a multi-row VALUES statement makes one call into
+        SQLite where executemany would make one per row, and every call releases
+        and re-acquires the GIL, which under load can wait a whole switch
+        interval (5 ms) behind request threads."""
+        if len(chunks) == 1:
+            self._connection.execute(self._insert_sql(chunks[0]), values)
+            return
+        # (no chunks: every hit of a keyed group was a repeat)
         width = len(HIT_COLUMNS)
-        for start in range(0, rows, self.ROWS_PER_STATEMENT):
-            chunk = min(self.ROWS_PER_STATEMENT, rows - start)
-            if chunk == rows:
-                self._connection.execute(self._insert_sql(chunk), values)
-            else:
-                self._connection.execute(
-                    self._insert_sql(chunk), values[start * width : (start + chunk) * width]
-                )
+        start = 0
+        for rows in chunks:
+            end = start + rows * width
+            self._connection.execute(self._insert_sql(rows), values[start:end])
+            start = end
 
     @classmethod
     @functools.cache
@@ -260,6 +258,27 @@ class _SqliteWriter:
     def close(self) -> None:
         self._connection.close()
         self._lock_file.close()
+
+
+# Row counts up to this many get an INSERT statement of their own; larger ones
+# are split into powers of two (at most 2048 rows, 20,480 parameters: SQLite
+# allows 32,766) and an exact rest. SQLite keeps each distinct statement
+# prepared, at about 0.9 KB a row (128 statements of 2,000 rows: 229 MB), so
+# their shapes must be few: at most 70 here, about 6 MB.
+EXACT_ROWS = 64
+MAX_ROWS_PER_STATEMENT = 2048
+
+
+def _statement_rows(rows: int) -> list[int]:
+    """How many rows each INSERT of a group of `rows` carries."""
+    chunks = []
+    while rows > EXACT_ROWS:
+        chunk = min(MAX_ROWS_PER_STATEMENT, 1 << (rows.bit_length() - 1))
+        chunks.append(chunk)
+        rows -= chunk
+    if rows:
+        chunks.append(rows)
+    return chunks
 
 
 def _sqlite_ts(ts: datetime) -> str:

@@ -211,3 +211,30 @@ def test_commit_delay_lets_later_requests_join_but_a_full_group_does_not_wait():
     committer.commit(["c", "d", "e"])  # the group is full already: written at once
     assert time.monotonic() - started < 0.25
     assert writer.groups[-1] == ["c", "d", "e"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_groups_of_any_size_are_stored_whole_with_few_statement_shapes(database_url):
+    # Every distinct INSERT shape stays prepared in SQLite (about 0.9 KB a row),
+    # so a worker seeing every group size must not keep one per size.
+    from datetime import UTC, datetime
+
+    from db.hits import HitStore, NewHit, _SqliteWriter
+
+    engine = make_engine(database_url)
+    store = HitStore(engine)
+    now = datetime.now(UTC)
+    sizes = [*range(1, 130), 500, 1999, 2000, 2048, 2049, 5000]
+    try:
+        for size in sizes:
+            hit = NewHit(now, f"size-{size}.example", "/", None, bytes(16), "ua",
+                         None, None, "desktop", False)  # fmt: skip
+            assert store.write([hit] * size) == size
+    finally:
+        store.close()
+    with engine.connect() as connection:
+        query = sa.select(Hit.site, sa.func.count()).group_by(Hit.site)
+        counts = {site: count for site, count in connection.execute(query)}
+    engine.dispose()
+    assert counts == {f"size-{size}.example": size for size in sizes}
+    assert _SqliteWriter._insert_sql.cache_info().currsize <= 70
