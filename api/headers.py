@@ -11,10 +11,10 @@ from flask_cors import CORS
 from flask_cors.core import ACL_ORIGIN
 
 from api.ratelimit import REPORT_BLUEPRINTS
+from api.settings import Settings
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-from api.settings import Settings
 
 # Nothing this API answers (JSON, a GIF, a script) needs to load anything.
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"

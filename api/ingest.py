@@ -15,8 +15,7 @@ from api.group_commit import GroupCommitter
 from api.privacy import VisitorHasher, normalise_address
 from api.settings import Settings
 from api.useragent import classify
-from db import HitStore, NewHit
-from db.hits import HitBatch
+from db import HitBatch, HitStore, NewHit
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,14 @@ they go through this package.
 """
 
 from db.engine import Backend, backend_of, make_engine
-from db.hits import HitStore, NewHit, StorageUnavailable
+from db.hits import HitBatch, HitStore, NewHit, StorageUnavailable
 
-__all__ = ["Backend", "HitStore", "NewHit", "StorageUnavailable", "backend_of", "make_engine"]
+__all__ = [
+    "Backend",
+    "HitBatch",
+    "HitStore",
+    "NewHit",
+    "StorageUnavailable",
+    "backend_of",
+    "make_engine",
+]

@@ -17,7 +17,6 @@ Loading does not refresh the aggregates; the caller does that afterwards.
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -35,7 +34,7 @@ from psycopg.copy import QueuedLibpqWriter
 from sqlalchemy import Connection, Engine
 
 from db.engine import configure_sqlite, sqlite_path
-from db.hits import HIT_COLUMNS, NewHit, sqlite_write_lock
+from db.hits import HIT_COLUMNS, NewHit, insert_sql, sqlite_write_lock
 
 Column = npt.NDArray[Any]
 
@@ -130,15 +129,8 @@ def load_hits(engine: Engine, chunks: Iterable[HitChunk]) -> int:
 
 # --- SQLite ------------------------------------------------------------------
 
-SQLITE_ROW = f"({', '.join('?' * len(HIT_COLUMNS))})"
-SQLITE_INSERT = f"INSERT INTO hits ({', '.join(HIT_COLUMNS)}) VALUES "
 # SQLite allows 32766 parameters per statement: 3000 rows of 10.
 SQLITE_ROWS_PER_STATEMENT = 3000
-
-
-@functools.cache
-def _sqlite_insert_sql(rows: int) -> str:
-    return SQLITE_INSERT + ", ".join([SQLITE_ROW] * rows)
 
 
 def sqlite_rows(chunk: HitChunk) -> list[tuple[Any, ...]]:
@@ -194,13 +186,11 @@ def _insert_sqlite_values(connection: sqlite3.Connection, values: list[Any], row
     full = rows - rows % SQLITE_ROWS_PER_STATEMENT
     for start in range(0, full, SQLITE_ROWS_PER_STATEMENT):
         stop = start + SQLITE_ROWS_PER_STATEMENT
-        connection.execute(_sqlite_insert_sql(stop - start), values[start * width : stop * width])
+        connection.execute(insert_sql(stop - start), values[start * width : stop * width])
     # The rest row by row: a statement of as many rows would be compiled anew
     # for each chunk (10-15 ms for 2,000 rows), as its size differs each time.
     rest = values[full * width :]
-    connection.executemany(
-        _sqlite_insert_sql(1), [rest[i : i + width] for i in range(0, len(rest), width)]
-    )
+    connection.executemany(insert_sql(1), [rest[i : i + width] for i in range(0, len(rest), width)])
 
 
 @dataclass(frozen=True)

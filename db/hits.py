@@ -133,12 +133,12 @@ class HitBatch:
 
     __slots__ = ("hits", "keyed", "values")
 
-    def __init__(self, hits: Sequence[NewHit], values: list[object] | None = None) -> None:
+    def __init__(self, hits: Sequence[NewHit]) -> None:
         self.hits = hits
         # Whether any hit carries an event id (stored once however often it comes).
         self.keyed = any(hit.event_id is not None for hit in hits)
         # The SQLite writer's parameters, row after row (None elsewhere, or when keyed).
-        self.values = values
+        self.values: list[object] | None = None
 
     def __len__(self) -> int:
         return len(self.hits)
@@ -152,8 +152,6 @@ class _SqliteWriter:
     processes contend and so wastes most of a group commit's time.
     """
 
-    ROW = f"({', '.join('?' * len(HIT_COLUMNS))})"
-    INSERT = f"INSERT INTO hits ({', '.join(HIT_COLUMNS)}) VALUES {ROW}"
     REMEMBER = "INSERT INTO seen_events (event_id, ts) VALUES (?, ?) ON CONFLICT DO NOTHING"
 
     def __init__(self, path: Path, synchronous: str, busy_timeout_ms: int) -> None:
@@ -240,20 +238,15 @@ class _SqliteWriter:
         and re-acquires the GIL, which under load can wait a whole switch
         interval (5 ms) behind request threads."""
         if len(chunks) == 1:
-            self._connection.execute(self._insert_sql(chunks[0]), values)
+            self._connection.execute(insert_sql(chunks[0]), values)
             return
         # (no chunks: every hit of a keyed group was a repeat)
         width = len(HIT_COLUMNS)
         start = 0
         for rows in chunks:
             end = start + rows * width
-            self._connection.execute(self._insert_sql(rows), values[start:end])
+            self._connection.execute(insert_sql(rows), values[start:end])
             start = end
-
-    @classmethod
-    @functools.cache
-    def _insert_sql(cls, rows: int) -> str:
-        return cls.INSERT + (", " + cls.ROW) * (rows - 1)
 
     def close(self) -> None:
         self._connection.close()
@@ -279,6 +272,15 @@ def _statement_rows(rows: int) -> list[int]:
     if rows:
         chunks.append(rows)
     return chunks
+
+
+_ROW = f"({', '.join('?' * len(HIT_COLUMNS))})"
+
+
+@functools.cache
+def insert_sql(rows: int) -> str:
+    """A SQLite INSERT of `rows` rows of hits (the writer's and the bulk loader's)."""
+    return f"INSERT INTO hits ({', '.join(HIT_COLUMNS)}) VALUES " + ", ".join([_ROW] * rows)
 
 
 def _sqlite_ts(ts: datetime) -> str:
