@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response
 from flask_cors import CORS
 from flask_cors.core import ACL_ORIGIN
 
@@ -47,32 +47,14 @@ def init_app(app: Flask, settings: Settings) -> None:
         send_wildcard=origins == "*",
         max_age=86400,
         vary_header=True,
+        # Error answers get their CORS headers from _BrowserHeaders like any other.
+        intercept_exceptions=False,
     )
-    cors_headers = _memoize_cors(app)
-
     common = [("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY")]
     if settings.behind_tls:
         common.append(("Strict-Transport-Security", HSTS))
     common.append(("Referrer-Policy", "no-referrer"))
-    app.wsgi_app = _SecurityHeaders(app.wsgi_app, common)  # type: ignore[method-assign]
-
-    @app.after_request
-    def _cors(response: Response) -> Response:
-        if ACL_ORIGIN not in response.headers:  # else a view decided CORS itself
-            req = request._get_current_object()  # type: ignore[attr-defined]
-            environ = req.environ
-            # extend, not set: set() scans every header for each.
-            response.headers.extend(
-                cors_headers(
-                    req.path,
-                    req.method,
-                    environ.get("HTTP_ORIGIN"),
-                    environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"),
-                    environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"),
-                    environ.get("HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK"),
-                )
-            )
-        return response
+    app.wsgi_app = _BrowserHeaders(app.wsgi_app, common, _memoize_cors(app))  # type: ignore[method-assign]
 
     def _report_csp(response: Response) -> Response:
         response.headers["Content-Security-Policy"] = REPORT_CSP
@@ -82,23 +64,47 @@ def init_app(app: Flask, settings: Settings) -> None:
         app.after_request_funcs.setdefault(blueprint, []).append(_report_csp)
 
 
-class _SecurityHeaders:
-    """WSGI middleware: the headers every answer carries, added as the answer
-    starts. Unlike a Flask hook it also reaches answers to errors no handler
-    caught, and it costs a list extend instead of a checked add per header.
-    Answers without a Content-Security-Policy of their own (the report pages
-    set theirs) get the API's, which lets nothing load."""
+class _BrowserHeaders:
+    """WSGI middleware: the CORS and security headers of every answer, added as
+    the answer starts. Unlike Flask hooks it also reaches answers to errors no
+    handler caught, and it costs a list extend instead of a checked add per
+    header. Answers without a Content-Security-Policy of their own (the report
+    pages set theirs) get the API's, which lets nothing load."""
 
-    def __init__(self, app: WSGIApplication, common: list[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        app: WSGIApplication,
+        common: list[tuple[str, str]],
+        cors_headers: Callable[..., tuple[tuple[str, str], ...]],
+    ) -> None:
         self._app = app
         self._headers = [*common, ("Content-Security-Policy", API_CSP)]
         self._without_csp = common
+        self._cors_headers = cors_headers
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         def start(
             status: str, headers: list[tuple[str, str]], exc_info: Any = None
         ) -> Callable[[bytes], object]:
-            has_csp = any(name == "Content-Security-Policy" for name, _ in headers)
+            has_csp = has_cors = False
+            for name, _ in headers:
+                if name == "Content-Security-Policy":
+                    has_csp = True
+                elif name == ACL_ORIGIN:
+                    has_cors = True  # a view decided CORS itself
+            if not has_cors:
+                # Flask calls start_response inside the request context, which
+                # the library reads when it is asked.
+                headers.extend(
+                    self._cors_headers(
+                        environ.get("PATH_INFO"),
+                        environ.get("REQUEST_METHOD"),
+                        environ.get("HTTP_ORIGIN"),
+                        environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"),
+                        environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"),
+                        environ.get("HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK"),
+                    )
+                )
             headers.extend(self._without_csp if has_csp else self._headers)
             return start_response(status, headers, exc_info)
 
@@ -107,14 +113,14 @@ class _SecurityHeaders:
 
 def _memoize_cors(app: Flask) -> Callable[..., tuple[tuple[str, str], ...]]:
     """Take flask-cors's after-request hook off the app and return its answers,
-    remembered per request path, method and the request headers it reads.
+    remembered per request path (as WSGI gives it), method and the request
+    headers it reads.
 
     The library works out every answer's headers from scratch, which costs as
     much as all the rest of a small /track request's hooks together; yet they
     follow from those few inputs alone, and the same few combinations come
     again and again. The policy stays the library's: each new combination is
-    put to it. The cache is bounded, as Origin is the caller's to choose. (Its
-    error-handler wrapping, for errors no handler of ours answers, stays.)
+    put to it. The cache is bounded, as Origin is the caller's to choose.
     """
     hooks = app.after_request_funcs[None]
     library_hook = hooks.pop()
