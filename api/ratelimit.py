@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import partial
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from flask import Blueprint, Flask, Request, Response, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded
@@ -127,6 +127,12 @@ class SweepingMemoryStorage(MemoryStorage):
             self.timer.start()
 
 
+# limits wraps the storage methods of every subclass in its error translation,
+# so a subclass's inherited methods would go through it twice on every call.
+for _method in ("incr", "get", "get_expiry", "check", "reset", "clear"):
+    setattr(SweepingMemoryStorage, _method, getattr(MemoryStorage, _method))
+
+
 def storage_uri(setting: str) -> str:
     """The limits storage URI for TELEMETRY_RATELIMIT_STORAGE."""
     if setting.startswith("memory://"):
@@ -140,7 +146,7 @@ class TelemetryLimiter(Limiter):
     Its three request hooks resolve decorators, blueprint and default limits
     on every request, which costs more than the rest of a small /track request;
     so they run for the report blueprints only (`init_app`), and /track counts
-    its hits straight on the same storage and strategy (`RateLimits.limit_track`).
+    its hits straight on the same storage and strategy (`RateLimits.check_client`).
     Flask-Limiter's own `swallow_errors` logs a traceback per request and
     cannot refuse, hence the wrapper for storage errors."""
 
@@ -193,8 +199,24 @@ def client_key(req: Request | None = None) -> str:
 
 _site_of = attrgetter("site")
 
-# The endpoints TELEMETRY_RATELIMIT_CLIENT applies to (not /t.js, which browsers cache).
-TRACK_ENDPOINTS = frozenset({"track.track", "track.pixel"})
+
+class _TrackLimit(NamedTuple):
+    """A limit of /track, with the parts of its storage key around the counted
+    name (a client key or a site) worked out once."""
+
+    item: RateLimitItem
+    key_head: str
+    key_tail: str
+    expiry: int
+
+
+def _track_limits(limits: str, key_prefix: str, scope: str) -> tuple[_TrackLimit, ...]:
+    prepared = []
+    for item in parse_many(limits) if limits else ():
+        # limits' own key layout (RateLimitItem.key_for), split where the name goes.
+        head, tail = item.key_for(key_prefix, scope, "\0").split("\0")
+        prepared.append(_TrackLimit(item, head, tail, item.get_expiry()))
+    return tuple(prepared)
 
 
 class RateLimits:
@@ -216,11 +238,9 @@ class RateLimits:
         )
         self.limiter.init_app(app)
         self.key_prefix = settings.ratelimit_key_prefix
-        self.client_limits = _parse(settings.ratelimit_client)
-        self.site_limits = _parse(settings.ratelimit_site)
+        self.client_limits = _track_limits(settings.ratelimit_client, self.key_prefix, "client")
+        self.site_limits = _track_limits(settings.ratelimit_site, self.key_prefix, "site")
         self.reports_limit = settings.ratelimit_reports
-        if self.client_limits:
-            app.before_request_funcs.setdefault("track", []).append(self.limit_track)
 
     def limit_report_blueprint(self, blueprint: Blueprint) -> None:
         """Put every route of `blueprint` under one per-client reports budget.
@@ -228,10 +248,11 @@ class RateLimits:
         if self.reports_limit:
             self.limiter.shared_limit(self.reports_limit, scope="reports")(blueprint)
 
-    def limit_track(self) -> None:
-        """Before a /track request: count it against the client's limits."""
-        req: Request = request._get_current_object()  # type: ignore[attr-defined]
-        if req.endpoint in TRACK_ENDPOINTS and req.method != "OPTIONS":
+    def check_client(self, req: Request) -> None:
+        """Count a /track request against its client's limits; RateLimited if one
+        is over. The views call it first thing (not a before-request hook, which
+        costs a dispatch of its own on every request)."""
+        if self.client_limits:
             self._hit(self.client_limits, "client", client_key(req), 1)
 
     def check_sites(self, events: Sequence[Event]) -> None:
@@ -244,13 +265,19 @@ class RateLimits:
         for site, count in Counter(map(_site_of, events)).items():
             self._hit(self.site_limits, "site", site, count)
 
-    def _hit(self, items: Sequence[RateLimitItem], scope: str, key: str, cost: int) -> None:
+    def _hit(self, limits: Sequence[_TrackLimit], scope: str, key: str, cost: int) -> None:
         if "telemetry_ratelimit_outage" in g:
             return  # counted once per request, and no second wait for a dead storage
         strategy = self.limiter.limiter
         try:
-            for item in items:
-                if not strategy.hit(item, self.key_prefix, scope, key, cost=cost):
+            for limit in limits:
+                # The fixed-window strategy's hit (the limiter's strategy), with the
+                # key built from its prepared parts: key_for costs as much as the count.
+                counted = strategy.storage.incr(
+                    limit.key_head + key + limit.key_tail, limit.expiry, amount=cost
+                )
+                if counted > limit.item.amount:
+                    item = limit.item
                     reset = strategy.get_window_stats(item, self.key_prefix, scope, key).reset_time
                     metrics.rate_limited(scope)
                     who = "this client" if scope == "client" else f"site {key!r}"
@@ -261,10 +288,6 @@ class RateLimits:
         except StorageError as exc:
             g.telemetry_ratelimit_outage = True
             self.outage.failed(exc)
-
-
-def _parse(limits: str) -> Sequence[RateLimitItem]:
-    return parse_many(limits) if limits else ()
 
 
 def _too_many_requests(error: RateLimitExceeded) -> Response:
