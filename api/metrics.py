@@ -121,10 +121,9 @@ def metrics() -> _Metrics:
 # --- what the rest of the service reports -------------------------------------------------
 
 
-def events_accepted(count: int) -> None:
-    m = metrics()
-    m.events_accepted.inc(count)
-    m.batch_size.observe(count)
+def request_accepted(events: int) -> None:
+    """A /track request's `events` are committed (and counted, by observe_commit)."""
+    metrics().batch_size.observe(events)
 
 
 def events_rejected(reason: str, count: int = 1) -> None:
@@ -144,8 +143,10 @@ def database_error() -> None:
 
 
 def observe_commit(items: int, seconds: float) -> None:
-    """`GroupCommitter`'s on_commit callback."""
+    """`GroupCommitter`'s on_commit callback: `items` events are acknowledged.
+    Counted here, once per group rather than once per request."""
     m = metrics()
+    m.events_accepted.inc(items)
     m.commit_seconds.observe(seconds)
     m.commit_group.observe(items)
 

@@ -30,7 +30,7 @@ from functools import partial
 from operator import attrgetter
 from typing import Any, NamedTuple
 
-from flask import Blueprint, Flask, Request, Response, current_app, g, request
+from flask import Blueprint, Flask, Request, Response, current_app, request
 from flask_limiter import Limiter, RateLimitExceeded
 from limits import RateLimitItem, parse_many
 from limits.errors import StorageError
@@ -39,7 +39,7 @@ from limits.storage import MemoryStorage
 from api import metrics
 from api.errors import APIError, Unavailable, error_response
 from api.events import Event
-from api.privacy import normalise_address
+from api.privacy import VisitorHasher, normalise_address
 from api.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -183,21 +183,23 @@ class TelemetryLimiter(Limiter):
             self.outage.failed(exc)
 
 
-def client_key(req: Request | None = None) -> str:
+def client_key(req: Request | None = None, hasher: VisitorHasher | None = None) -> str:
     """The rate-limit key of the requesting client (`req`, by default the current
-    request): a keyed hash of its address."""
+    request): a keyed hash of its address, with `hasher` (by default the app's)."""
     # ProxyFix has already put the trusted X-Forwarded-For entry here.
-    address = (req or request).remote_addr or "0.0.0.0"
+    address = (req or request).environ.get("REMOTE_ADDR") or "0.0.0.0"
     try:
         packed = normalise_address(address)
     except ValueError:
         packed = address.encode()[:64]  # /track answers 400 for it; still never stored raw
     now = datetime.now(UTC)
-    hasher = current_app.extensions["telemetry.ingestor"].hasher
+    hasher = hasher or current_app.extensions["telemetry.ingestor"].hasher
     return hasher.hash_normalised(_KEY_DOMAIN + packed, now, now)[:12].hex()
 
 
 _site_of = attrgetter("site")
+# Set in a request's environ once its limits found the storage unreachable.
+_OUTAGE_SEEN = "telemetry.ratelimit_outage"
 
 
 class _TrackLimit(NamedTuple):
@@ -241,6 +243,7 @@ class RateLimits:
         self.client_limits = _track_limits(settings.ratelimit_client, self.key_prefix, "client")
         self.site_limits = _track_limits(settings.ratelimit_site, self.key_prefix, "site")
         self.reports_limit = settings.ratelimit_reports
+        self.hasher = app.extensions["telemetry.ingestor"].hasher
 
     def limit_report_blueprint(self, blueprint: Blueprint) -> None:
         """Put every route of `blueprint` under one per-client reports budget.
@@ -253,20 +256,24 @@ class RateLimits:
         is over. The views call it first thing (not a before-request hook, which
         costs a dispatch of its own on every request)."""
         if self.client_limits:
-            self._hit(self.client_limits, "client", client_key(req), 1)
+            self._hit(req, self.client_limits, "client", client_key(req, self.hasher), 1)
 
-    def check_sites(self, events: Sequence[Event]) -> None:
-        """Count `events` against their sites' limits; RateLimited if one is over."""
+    def check_sites(self, req: Request, events: Sequence[Event]) -> None:
+        """Count the `events` of `req` against their sites' limits; RateLimited
+        if one is over."""
         if not self.site_limits:
             return
         if len(events) == 1:
-            self._hit(self.site_limits, "site", events[0].site, 1)
+            self._hit(req, self.site_limits, "site", events[0].site, 1)
             return
         for site, count in Counter(map(_site_of, events)).items():
-            self._hit(self.site_limits, "site", site, count)
+            self._hit(req, self.site_limits, "site", site, count)
 
-    def _hit(self, limits: Sequence[_TrackLimit], scope: str, key: str, cost: int) -> None:
-        if "telemetry_ratelimit_outage" in g:
+    def _hit(
+        self, req: Request, limits: Sequence[_TrackLimit], scope: str, key: str, cost: int
+    ) -> None:
+        # In the environ rather than in flask.g, whose every use is a context lookup.
+        if _OUTAGE_SEEN in req.environ:
             return  # counted once per request, and no second wait for a dead storage
         strategy = self.limiter.limiter
         try:
@@ -286,7 +293,7 @@ class RateLimits:
                         retry_after=int(reset - time.time()) + 1,
                     )
         except StorageError as exc:
-            g.telemetry_ratelimit_outage = True
+            req.environ[_OUTAGE_SEEN] = True
             self.outage.failed(exc)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 from importlib.resources import files
 from urllib.parse import urlsplit
 
@@ -34,18 +34,22 @@ def _settings() -> Settings:
 # and a /track request would otherwise make some thirty such lookups.
 
 
-def _origin_host(req: Request) -> str | None:
+@lru_cache(maxsize=1024)
+def _host_of(origin: str) -> str | None:
+    """The host of an Origin header; remembered, as a site's pages send the same one."""
     try:
-        return urlsplit(req.headers.get("Origin", "")).hostname
+        return urlsplit(origin).hostname
     except ValueError:  # a malformed header only loses its default site
         return None
 
 
 def _context(req: Request, settings: Settings, ingestor: Ingestor) -> RequestContext:
+    environ = req.environ
+    origin = environ.get("HTTP_ORIGIN")
     return RequestContext(
         now=utcnow(),
-        user_agent=req.headers.get("User-Agent"),
-        origin_host=_origin_host(req),
+        user_agent=environ.get("HTTP_USER_AGENT"),
+        origin_host=_host_of(origin) if origin else None,
         default_site=settings.default_site,
         query_allowlist=ingestor.query_allowlist,
     )
@@ -109,11 +113,11 @@ def _body(req: Request, limit: int) -> bytes:
 def _store(
     req: Request, app: Flask, ingestor: Ingestor, events: list[Event], now: datetime
 ) -> None:
-    app.extensions["telemetry.ratelimits"].check_sites(events)
+    app.extensions["telemetry.ratelimits"].check_sites(req, events)
     # ProxyFix (installed by the app factory when proxies are trusted) has already
     # put the right X-Forwarded-For entry here; the raw value goes no further.
     ingestor.record(events, req.remote_addr or "0.0.0.0", now)
-    metrics.events_accepted(len(events))
+    metrics.request_accepted(len(events))
 
 
 def _accepted(count: int) -> Response:
