@@ -89,6 +89,26 @@ def test_hsts_only_behind_tls(database_url, make_app):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_an_error_no_handler_answers_still_gets_the_headers_and_is_counted(database_url, make_app):
+    app = make_app()
+
+    def crash() -> None:
+        raise RuntimeError("a bug")
+
+    # A bug in a view (one whose name the request counter already knows).
+    app.view_functions["health.healthz"] = crash
+    labels = {"endpoint": "health.healthz", "status": "500"}
+    before = REGISTRY.get_sample_value("telemetry_http_requests_total", labels) or 0.0
+
+    response = app.test_client().get("/healthz")
+
+    assert response.status_code == 500
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+    assert REGISTRY.get_sample_value("telemetry_http_requests_total", labels) == before + 1
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_metrics_token_and_bounded_labels(database_url, make_app):
     client = make_app(metrics_token="t0ken").test_client()
     client.post("/track", json={"path": "/a"}, environ_base={"REMOTE_ADDR": "203.0.113.61"})
