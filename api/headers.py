@@ -47,6 +47,9 @@ def init_app(app: Flask, settings: Settings) -> None:
         send_wildcard=origins == "*",
         max_age=86400,
         vary_header=True,
+        # A request without Origin is not a cross-origin one and needs no CORS
+        # headers (the library would otherwise name one of the allowed origins).
+        always_send=False,
         # Error answers get their CORS headers from _BrowserHeaders like any other.
         intercept_exceptions=False,
     )

@@ -48,6 +48,17 @@ def test_only_listed_origins_are_allowed(database_url, make_app):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("origins", [("*",), ("https://shop.example", "https://blog.example")])
+def test_a_request_without_origin_gets_no_cors_headers(database_url, make_app, origins):
+    client = make_app(cors_origins=origins).test_client()
+
+    response = client.post("/track", json={"path": "/"})
+
+    assert response.status_code == 202
+    assert not [name for name, _ in response.headers if name.startswith("Access-Control")]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_repeated_requests_get_the_answer_their_own_origin_calls_for(database_url, make_app):
     # The CORS headers of each kind of request are worked out once and then
     # remembered: what one origin was told must never reach another.
