@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flask import Flask, Response
 from flask_cors import CORS
 from flask_cors.core import ACL_ORIGIN
 
+from api.middleware import OnAnswerStart
 from api.ratelimit import REPORT_BLUEPRINTS
 from api.settings import Settings
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import WSGIEnvironment
 
 # Nothing this API answers (JSON, a GIF, a script) needs to load anything.
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
@@ -57,7 +58,8 @@ def init_app(app: Flask, settings: Settings) -> None:
     if settings.behind_tls:
         common.append(("Strict-Transport-Security", HSTS))
     common.append(("Referrer-Policy", "no-referrer"))
-    app.wsgi_app = _BrowserHeaders(app.wsgi_app, common, _memoize_cors(app))  # type: ignore[method-assign]
+    browser_headers = _BrowserHeaders(common, _memoize_cors(app))
+    app.wsgi_app = OnAnswerStart(app.wsgi_app, browser_headers)  # type: ignore[method-assign]
 
     def _report_csp(response: Response) -> Response:
         response.headers["Content-Security-Policy"] = REPORT_CSP
@@ -68,50 +70,41 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 
 class _BrowserHeaders:
-    """WSGI middleware: the CORS and security headers of every answer, added as
-    the answer starts. Unlike Flask hooks it also reaches answers to errors no
-    handler caught, and it costs a list extend instead of a checked add per
-    header. Answers without a Content-Security-Policy of their own (the report
-    pages set theirs) get the API's, which lets nothing load."""
+    """The CORS and security headers of every answer (an `OnAnswerStart` hook).
+    Answers without a Content-Security-Policy of their own (the report pages
+    set theirs) get the API's, which lets nothing load."""
 
     def __init__(
         self,
-        app: WSGIApplication,
         common: list[tuple[str, str]],
         cors_headers: Callable[..., tuple[tuple[str, str], ...]],
     ) -> None:
-        self._app = app
         self._headers = [*common, ("Content-Security-Policy", API_CSP)]
         self._without_csp = common
         self._cors_headers = cors_headers
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        def start(
-            status: str, headers: list[tuple[str, str]], exc_info: Any = None
-        ) -> Callable[[bytes], object]:
-            has_csp = has_cors = False
-            for name, _ in headers:
-                if name == "Content-Security-Policy":
-                    has_csp = True
-                elif name == ACL_ORIGIN:
-                    has_cors = True  # a view decided CORS itself
-            if not has_cors:
-                # Flask calls start_response inside the request context, which
-                # the library reads when it is asked.
-                headers.extend(
-                    self._cors_headers(
-                        environ.get("PATH_INFO"),
-                        environ.get("REQUEST_METHOD"),
-                        environ.get("HTTP_ORIGIN"),
-                        environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"),
-                        environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"),
-                        environ.get("HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK"),
-                    )
+    def __call__(
+        self, environ: WSGIEnvironment, status: str, headers: list[tuple[str, str]]
+    ) -> None:
+        has_csp = has_cors = False
+        for name, _ in headers:
+            if name == "Content-Security-Policy":
+                has_csp = True
+            elif name == ACL_ORIGIN:
+                has_cors = True  # a view decided CORS itself
+        if not has_cors:
+            # Called inside the request context, which the library reads when asked.
+            headers.extend(
+                self._cors_headers(
+                    environ.get("PATH_INFO"),
+                    environ.get("REQUEST_METHOD"),
+                    environ.get("HTTP_ORIGIN"),
+                    environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD"),
+                    environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"),
+                    environ.get("HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK"),
                 )
-            headers.extend(self._without_csp if has_csp else self._headers)
-            return start_response(status, headers, exc_info)
-
-        return self._app(environ, start)
+            )
+        headers.extend(self._without_csp if has_csp else self._headers)
 
 
 def _memoize_cors(app: Flask) -> Callable[..., tuple[tuple[str, str], ...]]:

@@ -20,15 +20,16 @@ from __future__ import annotations
 import hmac
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 
+from api.middleware import OnAnswerStart
 from db.aggregates import rollup_lag_seconds
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import WSGIEnvironment
 
 bp = Blueprint("metrics", __name__)
 
@@ -285,28 +286,12 @@ def metrics_endpoint() -> Response:
     return Response(body, content_type=content_type, headers={"Cache-Control": "no-store"})
 
 
-class _CountAnswers:
-    """WSGI middleware: counts every answer by endpoint and status as it starts.
-
-    Cheaper than an after-request hook, and it also counts answers to errors
-    no handler caught. Flask starts its answers inside the request context,
-    where the matched endpoint is known."""
-
-    def __init__(self, app: WSGIApplication, count: Callable[[str, str], None]) -> None:
-        self._app = app
-        self._count = count
-
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        def start(
-            status: str, headers: list[tuple[str, str]], exc_info: Any = None
-        ) -> Callable[[bytes], object]:
-            self._count(request.endpoint or "unmatched", status)
-            return start_response(status, headers, exc_info)
-
-        return self._app(environ, start)
-
-
 def init_app(app: Flask) -> None:
-    """Count every answer and serve /metrics."""
-    app.wsgi_app = _CountAnswers(app.wsgi_app, metrics().count_request)  # type: ignore[method-assign]
+    """Count every answer, by endpoint and status, and serve /metrics."""
+    count_request = metrics().count_request
+
+    def _count(environ: WSGIEnvironment, status: str, headers: list[tuple[str, str]]) -> None:
+        count_request(request.endpoint or "unmatched", status)
+
+    app.wsgi_app = OnAnswerStart(app.wsgi_app, _count)  # type: ignore[method-assign]
     app.register_blueprint(bp)

@@ -99,9 +99,10 @@ def _body(req: Request, limit: int) -> bytes:
     environ = req.environ
     declared = environ.get("CONTENT_LENGTH", "")
     if declared.isdigit() and "HTTP_TRANSFER_ENCODING" not in environ:
-        if int(declared) > limit:
+        length = int(declared)
+        if length > limit:
             raise PayloadTooLarge(f"the body is over {limit} bytes")
-        return environ["wsgi.input"].read(int(declared))
+        return environ["wsgi.input"].read(length)
     # No length given (chunked): werkzeug cuts the body off one byte past the
     # limit (MAX_CONTENT_LENGTH, set by create_app), so it is caught here.
     body = req.get_data(cache=False)
