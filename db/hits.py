@@ -175,7 +175,9 @@ class _SqliteWriter:
             except sqlite3.Error as exc:
                 if self._connection.in_transaction:
                     self._connection.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
+                # Locked, busy, full, unreadable: worth retrying. Corruption or a
+                # refused row is not, and stays a 500 with its traceback logged.
+                if isinstance(exc, sqlite3.OperationalError):
                     raise StorageUnavailable(str(exc)) from exc
                 raise
             finally:

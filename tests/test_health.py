@@ -103,3 +103,43 @@ def test_unreachable_postgresql_answers_503(make_app):
         client.get("/track?p=/"),
     ):
         assert_unavailable(response)
+
+
+REFUSING_TRIGGER = {
+    "sqlite": [
+        "CREATE TRIGGER refuse_hits BEFORE INSERT ON hits BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_hit() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'refused'; END $$",
+        "CREATE TRIGGER refuse_hits BEFORE INSERT ON hits "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_hit()",
+    ],
+}
+DROP_TRIGGER = {
+    "sqlite": ["DROP TRIGGER refuse_hits"],
+    "postgresql": ["DROP TRIGGER refuse_hits ON hits", "DROP FUNCTION refuse_hit()"],
+}
+
+
+def test_a_write_refused_for_good_is_a_500_not_a_retry(client, engine, stored_hits):
+    """Only a passing condition (locked, unreachable, full) asks the client to
+    retry; a write the database refuses outright would be refused again."""
+    assert client.post("/track", json={"path": "/before"}).status_code == 202
+    dialect = "sqlite" if engine.dialect.name == "sqlite" else "postgresql"
+    with engine.begin() as connection:
+        for statement in REFUSING_TRIGGER[dialect]:
+            connection.exec_driver_sql(statement)
+    try:
+        response = client.post("/track", json={"path": "/refused"})
+    finally:
+        with engine.begin() as connection:
+            for statement in DROP_TRIGGER[dialect]:
+                connection.exec_driver_sql(statement)
+
+    assert response.status_code == 500
+    assert "Retry-After" not in response.headers
+    assert response.get_json()["error"] == "internal_server_error"
+    # The writer is usable again at once: the failed transaction was rolled back.
+    assert client.post("/track", json={"path": "/after"}).status_code == 202
+    assert [hit.path for hit in stored_hits()] == ["/before", "/after"]
