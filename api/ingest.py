@@ -42,19 +42,26 @@ class Ingestor:
 
     def validate(self, items: Sequence[object], context: RequestContext) -> list[Event]:
         """Every item as an Event, or BadRequest listing each bad item by index."""
-        events, problems = [], []
+        events: list[Event] = []
+        problems: list[tuple[int, InvalidEvent]] = []
         for index, item in enumerate(items):
             try:
                 events.append(parse_event(item, context))
             except InvalidEvent as exc:
-                problems.append({"index": index, "field": exc.field, "reason": exc.reason})
+                problems.append((index, exc))
         if problems:
             if len(items) == 1:
-                only = problems[0]
-                raise BadRequest(f"{only['field']} {only['reason']}", field=only["field"])
+                bad = problems[0][1]
+                # An unknown field's name is the caller's: quoted unless it reads as a
+                # name, so that an empty or blank one still shows in the detail.
+                named = bad.field if bad.field.isidentifier() else repr(bad.field)
+                raise BadRequest(f"{named} {bad.reason}", field=bad.field)
             raise BadRequest(
                 f"{len(problems)} of {len(items)} events are invalid; none was stored",
-                items=problems,
+                items=[
+                    {"index": index, "field": exc.field, "reason": exc.reason}
+                    for index, exc in problems
+                ],
             )
         return events
 

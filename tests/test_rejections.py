@@ -105,6 +105,16 @@ def test_bad_event_is_rejected_naming_the_field(client, assert_nothing_stored, e
     assert_nothing_stored()
 
 
+@pytest.mark.parametrize("name", ["", " ", "two words"])
+def test_an_unknown_field_that_is_not_a_name_is_quoted(client, assert_nothing_stored, name):
+    response = client.post("/track", json={"path": "/", name: 1})
+
+    body = assert_error(response, 400, "bad_request")
+    assert body["field"] == name
+    assert body["detail"] == f"{name!r} is not a known field"
+    assert_nothing_stored()
+
+
 @pytest.mark.parametrize(("event", "field"), BAD_EVENTS[:4])
 def test_bad_beacon_is_rejected_too(client, assert_nothing_stored, event, field):
     response = client.post("/track", data=json.dumps(event), content_type="text/plain")
