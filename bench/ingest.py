@@ -172,6 +172,27 @@ def server_cpu_seconds(process: subprocess.Popen) -> float:
     return total
 
 
+def connection_split(process: subprocess.Popen, port: int) -> str:
+    """How many of the load generator's connections each worker holds ("17/15"):
+    gunicorn's workers race to accept them and keep them for the whole run, and
+    a round where one worker holds more connections than it has threads is slower."""
+    counts = []
+    for worker in psutil.Process(process.pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            counts.append(
+                sum(
+                    1
+                    for c in worker.net_connections("tcp")
+                    if c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED
+                )
+            )
+    return "/".join(str(n) for n in sorted(counts, reverse=True))
+
+
+def _sample_split(process: subprocess.Popen, port: int, into: dict[str, str]) -> None:
+    into["split"] = connection_split(process, port)
+
+
 def stop_server(process: subprocess.Popen) -> None:
     process.terminate()
     try:
@@ -290,19 +311,26 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, drive) -> None:
     p50s, p99s = [], []
     cpu: dict[str, list[float]] = {"ceiling": [], "real": []}
     for round_number in range(1, args.rounds + 1):
-        results = {}
+        results, splits = {}, {}
         for variant in ("ceiling", "real"):
             path, url = fresh_database(workdir)
             app = "bench.noop_app:app" if variant == "ceiling" else "api:create_app()"
             port = free_port()
             server = start_server(app, url, port, args, workdir / f"{variant}.log")
+            # Read once the load generator has connected (it runs for seconds).
+            sampled: dict[str, str] = {}
+            sampler = threading.Timer(1.0, _sample_split, (server, port, sampled))
             try:
                 cpu_before = server_cpu_seconds(server)
+                sampler.start()
                 load = drive(port, body, requests, args, workdir)
                 cpu[variant].append((server_cpu_seconds(server) - cpu_before) / requests * 1e6)
             finally:
+                sampler.cancel()
+                sampler.join()
                 stop_server(server)
             results[variant] = load
+            splits[variant] = sampled.get("split", "?")
             if variant == "real":
                 stored = stored_rows(path)
                 acknowledged = load.ok * batch
@@ -318,7 +346,8 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, drive) -> None:
         p99s.append((ceiling.p99_ms, real.p99_ms))
         ratio = real.rate / ceiling.rate
         progress = (
-            f"ceiling {ceiling.rate:.0f} req/s, /track {real.rate:.0f} req/s, ratio {ratio:.2f}"
+            f"ceiling {ceiling.rate:.0f} req/s (connections per worker {splits['ceiling']}), "
+            f"/track {real.rate:.0f} req/s ({splits['real']}), ratio {ratio:.2f}"
         )
         if mode == "batch":
             # In the same round, so that both sides see the same machine.
