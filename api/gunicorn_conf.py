@@ -57,11 +57,16 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Move everything loaded so far (the app, Flask, pandas, plotly: it lives as
-    long as the worker) out of the garbage collector's sight. The events of
+    """Before the worker's first request: load the hashing key (Ingestor.warm_up),
+    then move everything loaded so far (the app, Flask, pandas, plotly: it lives
+    as long as the worker) out of the garbage collector's sight. The events of
     requests in flight survive young collections, so full collections come
     often under load, and each one would otherwise walk all of it: 46 % of a
     worker's time under batch load, measured with py-spy."""
+    app = getattr(worker, "wsgi", None)
+    ingestor = getattr(app, "extensions", {}).get("telemetry.ingestor")
+    if ingestor is not None:
+        ingestor.warm_up()
     gc.freeze()
 
 

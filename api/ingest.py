@@ -15,7 +15,7 @@ from api.group_commit import GroupCommitter
 from api.privacy import VisitorHasher, normalise_address
 from api.settings import Settings
 from api.useragent import classify
-from db import HitBatch, HitStore, NewHit
+from db import HitBatch, HitStore, NewHit, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,17 @@ class Ingestor:
                 )
             )
         self.committer.commit(self.store.prepare(hits))
+
+    def warm_up(self) -> None:
+        """Load (or make) the current period's hashing key now, before the first
+        request: there, its database round trip holds the worker's interpreter
+        lock for milliseconds just as the worker's main thread is accepting the
+        first burst of connections, and the other worker takes most of them."""
+        now = utcnow()
+        try:
+            self.hasher.hash_normalised(b"", now, now)
+        except StorageUnavailable as exc:
+            log.warning("hashing key not loaded at start (%s); the first request retries", exc)
 
     def close(self) -> None:
         self.store.close()

@@ -4,6 +4,7 @@ how long a key lives, and that the raw address never reaches disk or logs."""
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -176,6 +177,31 @@ def test_hash_period_decides_the_salt_period(
     assert salts() == {
         period_of(hit.ts): None if end is None else end + timedelta(hours=grace_hours)
     }
+
+
+def test_warm_up_makes_the_key_the_first_request_then_uses(make_app, stored_hits, salts):
+    app = make_app()
+    assert salts() == {}
+
+    app.extensions["telemetry.ingestor"].warm_up()
+    [period] = salts()
+    post_from(app.test_client(), "198.51.100.1")
+
+    [hit] = stored_hits()
+    assert list(salts()) == [period]
+    assert hit.ip_hash == expected_hash(app, "198.51.100.1", hit.ts)
+
+
+def test_warm_up_without_a_database_warns_and_leaves_it_to_the_first_request(make_app, caplog):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    app = make_app(database_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/telemetry")
+
+    with caplog.at_level(logging.WARNING, logger="api"):
+        app.extensions["telemetry.ingestor"].warm_up()
+
+    assert "hashing key not loaded at start" in caplog.text
 
 
 def test_salts_are_random_per_period(database_url):

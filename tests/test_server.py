@@ -53,6 +53,11 @@ def post_json(server: Gunicorn, body: object, headers=None) -> int:
 @pytest.mark.slow
 def test_gunicorn_serves_commits_and_stops_cleanly(server, tmp_path):
     server.wait_until_ready()
+    # Each worker loaded the period's hashing key before its first request.
+    engine = make_engine(f"sqlite:///{server.database}")
+    with engine.connect() as connection:
+        assert connection.scalar(sa.text("SELECT count(*) FROM hash_salts")) == 1
+    engine.dispose()
 
     def client(thread: int) -> list[tuple[int, int]]:
         """(status, events in the request) for each request this thread sends."""
