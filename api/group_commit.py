@@ -4,8 +4,9 @@ A request hands its hits over and blocks until they are committed, so an
 acknowledgement always means "on disk". The first request to arrive while no
 commit is running becomes the leader and commits everything queued; requests
 arriving meanwhile queue up and are committed together by the next leader,
-which is one of them. Under load each transaction therefore carries many
-requests, and when idle a request commits alone with no added delay.
+which is one of them. A leader first waits `delay` for others to join (unless
+a full group is already queued). Under load each transaction therefore carries
+many requests, and when idle a request commits alone, `delay` later.
 """
 
 from __future__ import annotations
