@@ -317,9 +317,9 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, drive) -> None:
             app = "bench.noop_app:app" if variant == "ceiling" else "api:create_app()"
             port = free_port()
             server = start_server(app, url, port, args, workdir / f"{variant}.log")
-            # Read once the load generator has connected (it runs for seconds).
+            # Read once the load generator has connected (it connects first thing).
             sampled: dict[str, str] = {}
-            sampler = threading.Timer(1.0, _sample_split, (server, port, sampled))
+            sampler = threading.Timer(0.2, _sample_split, (server, port, sampled))
             try:
                 cpu_before = server_cpu_seconds(server)
                 sampler.start()
