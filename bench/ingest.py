@@ -189,6 +189,19 @@ def connection_split(process: subprocess.Popen, port: int) -> str:
     return "/".join(str(n) for n in sorted(counts, reverse=True))
 
 
+def events_per_commit(port: int) -> float:
+    """Mean events per group commit so far, from the server's own `/metrics`
+    (all workers): how many requests the commit delay lets share a transaction."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", "/metrics")
+    text = connection.getresponse().read().decode()
+    connection.close()
+    name = "telemetry_commit_group_events"
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith(name))
+    count = float(samples.get(f"{name}_count", 0))
+    return float(samples.get(f"{name}_sum", 0)) / count if count else 0.0
+
+
 def _sample_split(process: subprocess.Popen, port: int, into: dict[str, str]) -> None:
     into["split"] = connection_split(process, port)
 
@@ -309,6 +322,7 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, drive) -> None:
     ceiling_rates, real_rates, ratios, lost, unanswered = [], [], [], 0, 0
     bare_ratios: list[float] = []  # batch mode: /track events/s over a bare insert's rows/s
     p50s, p99s = [], []
+    group_sizes: list[float] = []  # /track: mean events per group commit, per round
     cpu: dict[str, list[float]] = {"ceiling": [], "real": []}
     for round_number in range(1, args.rounds + 1):
         results, splits = {}, {}
@@ -325,6 +339,8 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, drive) -> None:
                 sampler.start()
                 load = drive(port, body, requests, args, workdir)
                 cpu[variant].append((server_cpu_seconds(server) - cpu_before) / requests * 1e6)
+                if variant == "real":
+                    group_sizes.append(events_per_commit(port))
             finally:
                 sampler.cancel()
                 sampler.join()
@@ -347,7 +363,8 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, drive) -> None:
         ratio = real.rate / ceiling.rate
         progress = (
             f"ceiling {ceiling.rate:.0f} req/s (connections per worker {splits['ceiling']}), "
-            f"/track {real.rate:.0f} req/s ({splits['real']}), ratio {ratio:.2f}"
+            f"/track {real.rate:.0f} req/s ({splits['real']}, "
+            f"{group_sizes[-1]:.1f} events a commit), ratio {ratio:.2f}"
         )
         if mode == "batch":
             # In the same round, so that both sides see the same machine.
@@ -379,6 +396,7 @@ def run_mode(mode: str, args: argparse.Namespace, workdir: Path, drive) -> None:
         f"server CPU per request: ceiling {ceiling_cpu:.0f} us, /track {real_cpu:.0f} us, "
         f"ratio {ceiling_cpu / real_cpu:.2f} (less disturbed by other load than req/s)"
     )
+    print(f"/track events per group commit: {median(group_sizes):.1f}")
     print(
         f"acknowledged events lost: {lost}; stored but unanswered (in flight at stop): {unanswered}"
     )
