@@ -191,11 +191,11 @@ class Settings:
         "Most events one group commit writes in a transaction.",
     )
     commit_delay_ms: float = _setting(
-        "0.5",
+        "1",
         _non_negative_float,
         "Milliseconds a group commit waits for more requests to join it before it writes. "
         "The pause lets the worker's other threads reach the queue: under load a commit "
-        "then carries about 7 events instead of 2, and the write lock that workers take "
+        "then carries several events instead of 2, and the write lock that workers take "
         "turns on stops being the bottleneck. 0 writes as soon as the previous commit ends.",
     )
     chunk_interval_hours: int = _setting(
