@@ -62,6 +62,31 @@ def keyed_hash(key: bytes, packed_address: bytes) -> bytes:
     return hmac.digest(key, packed_address, hashlib.sha256)[:16]
 
 
+def _sha256(data: bytes = b"") -> hashlib._Hash:
+    # Not hashlib.sha256 itself: given one of OpenSSL's own constructors, hmac
+    # keeps an OpenSSL HMAC context, whose copy costs as much as a fresh one.
+    return hashlib.sha256(data)
+
+
+class KeyedHash:
+    """`keyed_hash` with one key, its HMAC state set up once and copied per address.
+
+    The same values as `keyed_hash`, which sets up a new OpenSSL HMAC context
+    on every call: inside a /track request that cost about 12 µs a hash on the
+    benchmark machine (two a request), a copy of this state about 3 µs.
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self, key: bytes) -> None:
+        self._state = hmac.new(key, digestmod=_sha256)
+
+    def __call__(self, packed_address: bytes) -> bytes:
+        state = self._state.copy()
+        state.update(packed_address)
+        return state.digest()[:16]
+
+
 def address_hashes(engine: Engine, address: str) -> dict[str, bytes]:
     """The `ip_hash` of `address` under every key still held, by period: what
     erasure looks for. Periods whose keys are deleted cannot be searched (nor
@@ -77,20 +102,21 @@ class VisitorHasher:
         self._engine = engine
         self._mode = mode
         self._grace = grace
-        self._keys: dict[str, bytes] = {}
+        # Each period's key, ready to hash with; dropped with the key.
+        self._keys: dict[str, KeyedHash] = {}
         self._expiry: dict[str, datetime | None] = {}
         self._lock = threading.Lock()
         # (start, end, expiry, key) of the period most events fall in, to skip the lookup.
-        self._recent: tuple[datetime, datetime, datetime, bytes] | None = None
+        self._recent: tuple[datetime, datetime, datetime, KeyedHash] | None = None
 
     def ip_hash(self, address: str, ts: datetime, now: datetime) -> bytes:
         return self.hash_normalised(normalise_address(address), ts, now)
 
     def hash_normalised(self, packed_address: bytes, ts: datetime, now: datetime) -> bytes:
         """`ip_hash` of an address already through `normalise_address`."""
-        return keyed_hash(self._key_for(ts, now), packed_address)
+        return self._key_for(ts, now)(packed_address)
 
-    def _key_for(self, ts: datetime, now: datetime) -> bytes:
+    def _key_for(self, ts: datetime, now: datetime) -> KeyedHash:
         recent = self._recent
         if recent is not None and recent[0] <= ts < recent[1] and now < recent[2]:
             return recent[3]
@@ -105,7 +131,7 @@ class VisitorHasher:
         with self._lock:
             if period not in self._keys:
                 expires = None if end is None else end + self._grace
-                self._keys[period] = get_or_create_salt(self._engine, period, expires)
+                self._keys[period] = KeyedHash(get_or_create_salt(self._engine, period, expires))
                 self._expiry[period] = expires
                 self._purge_locked(now)
             key = self._keys[period]

@@ -3,6 +3,8 @@ how long a key lives, and that the raw address never reaches disk or logs."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import socket
 import sqlite3
@@ -49,6 +51,21 @@ def test_ipv4_mapped_ipv6_hashes_like_ipv4(client, stored_hits):
 
     mapped, plain = stored_hits()
     assert mapped.ip_hash == plain.ip_hash
+
+
+@pytest.mark.parametrize("address", ["198.51.100.7", "2001:db8::7", "::ffff:198.51.100.7"])
+def test_stored_hash_is_hmac_sha256_of_the_periods_salt(client, database_url, stored_hits, address):
+    """The documented definition, so that hashes stay comparable with any other
+    HMAC-SHA256 implementation (and with `telemetry erase --ip`)."""
+    post_from(client, address)
+
+    [hit] = stored_hits()
+    engine = make_engine(database_url)
+    with engine.connect() as connection:
+        [salt] = connection.execute(sa.select(HashSalt.salt)).scalars()
+    engine.dispose()
+    expected = hmac.new(salt, normalise_address(address), hashlib.sha256).digest()[:16]
+    assert hit.ip_hash == expected
 
 
 @pytest.mark.parametrize(
