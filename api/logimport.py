@@ -47,7 +47,7 @@ from sqlalchemy import Engine
 from tqdm import tqdm
 
 from api.events import MAX_FUTURE, Event, InvalidEvent, RequestContext, parse_event
-from api.privacy import keyed_hash, normalise_address, period_bounds
+from api.privacy import KeyedHash, normalise_address, period_bounds
 from api.settings import Settings
 from api.useragent import classify
 from db import aggregates
@@ -796,18 +796,18 @@ class LogImporter:
             known = self._hash_memo.setdefault(int(periods[period_code]), {})
             period_addresses = address_values.take(address_codes[in_period]).to_pylist()
             found = [known.get(a) for a in period_addresses]
-            key: bytes | None = None
+            key: KeyedHash | None = None
             for index, value in enumerate(found):
                 if value is not None:
                     continue
                 if key is None:
-                    key = self.keys.key_for(int(micros[period_codes == period_code][0]))
+                    key = KeyedHash(self.keys.key_for(int(micros[period_codes == period_code][0])))
                 try:
                     packed = normalise_address(period_addresses[index])
                 except ValueError:
                     value = b""  # not an address
                 else:
-                    value = keyed_hash(key, packed)
+                    value = key(packed)
                 found[index] = known[period_addresses[index]] = value
                 self._hash_memo_size += 1
             hashes[in_period] = found
